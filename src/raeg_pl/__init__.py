@@ -1,0 +1,3 @@
+"""raeg-pl: invertible image dataset protection (RAEG) on PyTorch Lightning."""
+
+__version__ = "0.1.0"

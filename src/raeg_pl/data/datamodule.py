@@ -1,0 +1,370 @@
+"""Image-classification DataModule over CIFAR-10 or any ImageFolder dataset.
+
+Images are decoded once into uint8 tensors (see :mod:`raeg_pl.data.cache`) and served in
+batches straight from memory; conversion to float and augmentation happen on the batch,
+on the training device, after transfer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from raeg_pl.data.augment import random_crop_flip
+from raeg_pl.data.cache import (
+    DatasetError,
+    DecodedSplit,
+    default_cache_dir,
+    detect_mode,
+    list_image_folder,
+    load_split_cached,
+)
+
+DATA_DIR_ENV = "RAEG_DATA_DIR"
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def resolve_data_root(data_dir: str | os.PathLike | None) -> Path:
+    """The data root: ``data_dir`` if given, else ``$RAEG_DATA_DIR``, else ``./data``."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    return Path("data")
+
+
+class TensorImageDataset(Dataset):
+    """Images and labels held as tensors, fetched a whole batch at a time.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        labels: (N,) int64.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # One gather per batch instead of one Python call and a stack per image.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def _collate_batch(batch):
+    return batch
+
+
+@dataclass
+class _Located:
+    train: Path | None
+    test: Path | None
+    torchvision_root: Path | None
+
+
+def read_cifar10_batches(folder: Path, train: bool) -> DecodedSplit:
+    """Reads torchvision's ``cifar-10-batches-py`` pickles (the format of the official archive)."""
+    import pickle
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    data, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                blob = pickle.load(f, encoding="latin1")
+            data.append(torch.as_tensor(blob["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+            labels += list(blob.get("labels", blob.get("fine_labels", [])))
+        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+            raise DatasetError(f"{path}: not a readable CIFAR-10 batch ({e})") from e
+    images = torch.cat(data).contiguous()
+    return DecodedSplit(
+        images,
+        torch.tensor(labels, dtype=torch.int64),
+        list(CIFAR10_CLASSES),
+        [f"{i:05d}" for i in range(len(labels))],
+    )
+
+
+def stratified_split(
+    labels: torch.Tensor, num_classes: int, val_per_class: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-class split of indices into (train, val).
+
+    Each class contributes ``val_per_class`` randomly chosen images to val (seeded), the rest
+    to train. Both index tensors are sorted.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        if val_per_class > len(perm):
+            raise ValueError(f"class {c}: val_per_class={val_per_class} > {len(perm)} images")
+        val_idx.append(perm[:val_per_class])
+        train_idx.append(perm[val_per_class:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def per_class_subset(
+    labels: torch.Tensor, indices: torch.Tensor, per_class: int | None, num_classes: int, seed: int
+) -> torch.Tensor:
+    """The first ``per_class`` indices of each class after a seeded shuffle (all if None)."""
+    if per_class is None:
+        return indices
+    g = torch.Generator().manual_seed(seed + 7919)
+    out = []
+    for c in range(num_classes):
+        idx = indices[labels[indices] == c]
+        if per_class > len(idx):
+            raise ValueError(f"class {c}: asked for {per_class} images per class, only {len(idx)}")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(out).sort().values
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """CIFAR-10 or any ImageFolder dataset, decoded once and served from uint8 tensors.
+
+    Layouts accepted under the data root:
+      * ImageFolder: ``<dataset dir>/train/<class>/*`` and ``<dataset dir>/test/<class>/*``,
+        where ``<dataset dir>`` is ``<root>/<dataset>`` or the root itself;
+      * for CIFAR-10 also torchvision's own ``cifar-10-batches-py`` under either place,
+        downloaded through torchvision when neither layout exists and ``download`` is set.
+
+    Batches are ``(images, labels)`` with images (B, C, H, W) float in [0, 1] after
+    transfer (augmented in training), labels (B,) int64. ``batch_size`` is the global batch:
+    under DDP each rank loads ``batch_size // world_size``.
+
+    Args:
+        dataset: ``"cifar10"`` or the name of an ImageFolder dataset directory under the root.
+        data_dir: data root; default ``$RAEG_DATA_DIR``, else ``./data``.
+        cache_dir: decoded-tensor cache; default ``$RAEG_CACHE_DIR`` or the user cache folder.
+        batch_size: global training batch size.
+        eval_batch_size: global batch size for validation and test (default: 2x batch_size).
+        val_per_class: images per class held out of the training folder for validation.
+        train_per_class: per-class training subset size (None: all remaining).
+        test_per_class: per-class subset of the clean test split (None: all).
+        seed: seed of the train/val split and the subsets.
+        augment: random crop with padding and horizontal flip on training batches.
+        crop_padding: padding of the random crop.
+        hflip: horizontal flips in augmentation.
+        image_size: (H, W) to resize every image to; needed when sizes differ.
+        download: allow a torchvision download of CIFAR-10 when nothing is found locally.
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_per_class: int = 500,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        image_size: tuple[int, int] | None = None,
+        download: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = resolve_data_root(data_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_per_class = val_per_class
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
+        self.seed = seed
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.image_size = tuple(image_size) if image_size else None
+        self.download = download
+        self.num_workers = num_workers
+        self._located: _Located | None = None
+        self._classes: list[str] | None = None
+        self._channels: int | None = None
+        self.train_set = self.val_set = self.test_set = None
+
+    # ----------------------------------------------------------------- locating the data
+    def _candidates(self) -> list[Path]:
+        if (self.root / self.dataset).exists() or self.dataset != "cifar10":
+            return [self.root / self.dataset, self.root]
+        return [self.root / "cifar10", self.root / "CIFAR10", self.root / "cifar-10", self.root]
+
+    def locate(self) -> _Located:
+        """Finds the dataset under the root; raises DatasetError naming every place tried."""
+        if self._located is not None:
+            return self._located
+        tried = []
+        for cand in self._candidates():
+            train, test = cand / "train", cand / "test"
+            tried.append(f"{train} + {test} (ImageFolder)")
+            if train.is_dir() and test.is_dir():
+                self._located = _Located(train, test, None)
+                return self._located
+            if self.dataset == "cifar10":
+                tried.append(f"{cand / 'cifar-10-batches-py'} (torchvision format)")
+                if (cand / "cifar-10-batches-py").is_dir():
+                    self._located = _Located(None, None, cand)
+                    return self._located
+        if self.dataset == "cifar10" and self.download:
+            target = self.root / "cifar10"
+            try:
+                import torchvision
+
+                torchvision.datasets.CIFAR10(str(target), train=True, download=True)
+                torchvision.datasets.CIFAR10(str(target), train=False, download=True)
+                self._located = _Located(None, None, target)
+                return self._located
+            except Exception as e:  # noqa: BLE001 - reported together with the places tried
+                tried.append(f"torchvision download into {target} failed: {e}")
+        raise DatasetError(
+            f"dataset {self.dataset!r} not found under data root {self.root} "
+            f"(set data_dir or ${DATA_DIR_ENV}). Looked for:\n  " + "\n  ".join(tried)
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (sorted folder names; CIFAR-10's own order)."""
+        if self._classes is None:
+            loc = self.locate()
+            if loc.train is not None:
+                self._classes = list_image_folder(loc.train)[0]
+            else:
+                self._classes = list(CIFAR10_CLASSES)
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels of the data as stored (1 for grayscale, else 3)."""
+        if self._channels is None:
+            loc = self.locate()
+            if loc.train is not None:
+                _, samples = list_image_folder(loc.train)
+                self._channels = 1 if detect_mode(loc.train / samples[0][0]) == "L" else 3
+            else:
+                self._channels = 3
+        return self._channels
+
+    # ----------------------------------------------------------------------- decoding
+    def _load(self, split: str) -> DecodedSplit:
+        loc = self.locate()
+        folder = loc.train if split == "train" else loc.test
+        if folder is not None:
+            mode = "L" if self.channels == 1 else "RGB"
+            decoded, _, _ = load_split_cached(folder, self.cache_dir, mode, self.image_size)
+            return decoded
+        return read_cifar10_batches(loc.torchvision_root / "cifar-10-batches-py", split == "train")
+
+    def prepare_data(self) -> None:
+        # Decoding fills the cache once, on one process, before any rank loads it.
+        self._load("train")
+        self._load("test")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_full = self._load("train")
+        test_full = self._load("test")
+        self.train_indices, self.val_indices = stratified_split(
+            train_full.labels, self.num_classes, self.val_per_class, self.seed
+        )
+        self.train_indices = per_class_subset(
+            train_full.labels, self.train_indices, self.train_per_class, self.num_classes, self.seed
+        )
+        test_idx = per_class_subset(
+            test_full.labels,
+            torch.arange(len(test_full.labels)),
+            self.test_per_class,
+            self.num_classes,
+            self.seed,
+        )
+        self.train_files = [train_full.files[i] for i in self.train_indices.tolist()]
+        self.train_set = TensorImageDataset(
+            train_full.images[self.train_indices], train_full.labels[self.train_indices]
+        )
+        self.val_set = TensorImageDataset(
+            train_full.images[self.val_indices], train_full.labels[self.val_indices]
+        )
+        self.test_set = TensorImageDataset(test_full.images[test_idx], test_full.labels[test_idx])
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of images in each split after subsetting (after ``setup``)."""
+        return {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)}
+
+    # ---------------------------------------------------------------------- loaders
+    def _per_rank(self, global_batch: int) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} does not split over {world} ranks")
+        return global_batch // world
+
+    def _loader(
+        self, ds: Dataset, batch: int, shuffle: bool, drop_last: bool = False
+    ) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self._per_rank(batch),
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=_collate_batch,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.crop_padding, self.hflip)
+        return images, labels

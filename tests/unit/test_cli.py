@@ -1,0 +1,42 @@
+"""Config composition (`defaults:` chains) and the `raeg` entry point."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raeg_pl.cli import expand_config_args, main
+
+
+def test_defaults_chain_applies_bases_first(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("trainer:\n  max_epochs: 1\nx: 1\n")
+    (tmp_path / "base" / "b.yaml").write_text("defaults: [a.yaml]\ntrainer:\n  max_epochs: 2\n")
+    (tmp_path / "exp.yaml").write_text("defaults: [base/b.yaml]\nrun_dir: r\n")
+    args = expand_config_args(["fit", "--config", str(tmp_path / "exp.yaml"), "--x", "3"])
+    texts = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    assert [yaml.safe_load(t) for t in texts] == [
+        {"trainer": {"max_epochs": 1}, "x": 1},
+        {"trainer": {"max_epochs": 2}},
+        {"run_dir": "r"},
+    ]
+    assert args[0] == "fit" and args[-2:] == ["--x", "3"]
+
+
+def test_circular_defaults_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ValueError, match="circular"):
+        expand_config_args(["--config", str(tmp_path / "a.yaml")])
+
+
+def test_missing_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [gone.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="gone.yaml"):
+        expand_config_args(["--config", str(tmp_path / "a.yaml")])
+
+
+def test_unknown_command_exits_non_zero(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert main(["--help"]) == 0
