@@ -64,8 +64,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--arch", default="resnet_tiny_cifar")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="DataLoader workers of the plain path")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="DataLoader workers of the plain path",
+    )
     ap.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
     ap.add_argument("--out", default="runs/benchmarks/data_pipeline.json")
     args = ap.parse_args()
@@ -84,11 +88,24 @@ def main() -> None:
 
     # Plain path: decode and transform each JPEG in DataLoader workers, every epoch.
     root = dm.locate().train or resolve_data_root(None) / "cifar10" / "train"
-    plain_ds = ImageFolder(str(root), transform=T.Compose([
-        T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
-        T.ToTensor()]))
-    plain = DataLoader(plain_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                       num_workers=args.workers, persistent_workers=args.workers > 0)
+    plain_ds = ImageFolder(
+        str(root),
+        transform=T.Compose(
+            [
+                T.RandomCrop(32, padding=4, padding_mode="reflect"),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+            ]
+        ),
+    )
+    plain = DataLoader(
+        plain_ds,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
 
     def plain_batches():
         while True:
@@ -98,10 +115,14 @@ def main() -> None:
     plain_ips = _run(plain_batches(), _trainer(args.arch, bf16), args.steps)
     result = {
         "benchmark": "classifier training throughput, cached tensors vs ImageFolder DataLoader",
-        "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
-        "precision": "bf16-mixed" if bf16 else "fp32", "plain_workers": args.workers,
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "precision": "bf16-mixed" if bf16 else "fp32",
+        "plain_workers": args.workers,
         "threads": torch.get_num_threads(),
-        "cached_img_per_s": round(cached_ips, 1), "plain_img_per_s": round(plain_ips, 1),
+        "cached_img_per_s": round(cached_ips, 1),
+        "plain_img_per_s": round(plain_ips, 1),
         "speedup": round(cached_ips / plain_ips, 2),
     }
     out = Path(args.out)

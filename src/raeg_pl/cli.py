@@ -12,20 +12,17 @@ on top of the presets in ``experiments/_base/``.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from raeg_pl.data.datamodule import ImageClassificationDataModule
 from raeg_pl.lit.classifier import ClassifierLitModule
-from raeg_pl.utils.callbacks import MetricHistory
 from raeg_pl.utils.run import to_float_dict, write_results
+from raeg_pl.utils.trainer import run_callbacks, run_loggers
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -116,40 +113,11 @@ class RaegCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self._cfg()
-        run_dir = Path(cfg["run_dir"])
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-        wb = cfg["wandb"]
-        if wb["enabled"]:
-            from lightning.pytorch.loggers import WandbLogger
-
-            loggers.append(
-                WandbLogger(
-                    project=wb["project"],
-                    group=wb["group"],
-                    name=wb["name"] or run_dir.name,
-                    tags=list(wb["tags"]),
-                    save_dir=str(run_dir),
-                    offline=wb["offline"] or os.environ.get("WANDB_MODE") == "offline",
-                )
-            )
-        callbacks = list(trainer_cfg.get("callbacks") or [])
-        self.history = MetricHistory()
-        callbacks.append(self.history)
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=str(run_dir / "checkpoints"),
-                    filename="best",
-                    monitor="val/acc",
-                    mode="max",
-                    save_last=True,
-                )
-            )
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        callbacks, self.history = run_callbacks(cfg["run_dir"], trainer_cfg.get("callbacks"))
         kwargs = {
-            "default_root_dir": str(run_dir),
-            "logger": loggers,
+            "default_root_dir": str(cfg["run_dir"]),
+            "logger": run_loggers(cfg["run_dir"], dict(cfg["wandb"])),
             "callbacks": callbacks,
             **kwargs,
         }
@@ -211,6 +179,10 @@ Classifier training (LightningCLI; `raeg <command> --help` lists every option):
   validate   evaluate on the validation split
   test       evaluate on the clean test split
   predict    predict labels
+
+Protection experiments:
+  pipeline   surrogate -> protector -> export -> pirates / authorised / clean baseline:
+             raeg pipeline --config experiments/protect/quick.yaml [key.path=value ...]
 """
 
 
@@ -223,6 +195,10 @@ def main(args: list[str] | None = None) -> int:
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         lightning_main(argv)
         return 0
+    if argv[0] == "pipeline":
+        from raeg_pl.pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     print(f"raeg: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

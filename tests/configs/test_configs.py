@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(
     p
     for p in (REPO / "experiments").rglob("*.yaml")
-    if "_base" not in p.parts and "sweeps" not in p.parts and p.parent.name != "pipeline"
+    if "_base" not in p.parts and "sweeps" not in p.parts and "protect" not in p.parts
 )
 PRESETS = sorted((REPO / "experiments" / "_base").glob("*.yaml"))
 # Run anywhere: the CUDA and DDP choices are swapped for one CPU process, the rest is as written.

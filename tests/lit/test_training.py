@@ -20,9 +20,20 @@ pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 
 def _data_args(data_root, cache_dir, train=400, val=50, test=100, batch=128):
-    return ["--data.data_dir", str(data_root), "--data.cache_dir", str(cache_dir),
-            "--data.train_per_class", str(train), "--data.val_per_class", str(val),
-            "--data.test_per_class", str(test), "--data.batch_size", str(batch)]
+    return [
+        "--data.data_dir",
+        str(data_root),
+        "--data.cache_dir",
+        str(cache_dir),
+        "--data.train_per_class",
+        str(train),
+        "--data.val_per_class",
+        str(val),
+        "--data.test_per_class",
+        str(test),
+        "--data.batch_size",
+        str(batch),
+    ]
 
 
 def _results(run_dir: Path) -> dict:
@@ -31,9 +42,20 @@ def _results(run_dir: Path) -> dict:
 
 def test_small_classifier_learns_cifar10(data_root, cache_dir, tmp_path):
     run = tmp_path / "run"
-    lightning_main(["fit", "--config", str(QUICK), "--trainer.max_epochs", "6",
-                    "--trainer.enable_progress_bar", "false", "--run_dir", str(run),
-                    *_data_args(data_root, cache_dir, train=500, test=200)])
+    lightning_main(
+        [
+            "fit",
+            "--config",
+            str(QUICK),
+            "--trainer.max_epochs",
+            "6",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--run_dir",
+            str(run),
+            *_data_args(data_root, cache_dir, train=500, test=200),
+        ]
+    )
     res = _results(run)
     # 5,000 training images, 6 epochs: a working pipeline reaches ~50%; chance is 10%, and a
     # broken one (labels misaligned, no learning, augmentation wrecking images) stays < 25%.
@@ -47,15 +69,22 @@ def test_small_classifier_learns_cifar10(data_root, cache_dir, tmp_path):
 
 def _raeg(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([RAEG, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [RAEG, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_ddp_on_cpu_matches_single_process(data_root, cache_dir, tmp_path):
-    common = ["--config", str(QUICK), "--trainer.precision", "32-true",
-              "--trainer.enable_progress_bar", "false",
-              *_data_args(data_root, cache_dir, train=200, val=20, test=50, batch=64)]
+    common = [
+        "--config",
+        str(QUICK),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.enable_progress_bar",
+        "false",
+        *_data_args(data_root, cache_dir, train=200, val=20, test=50, batch=64),
+    ]
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     _raeg("fit", *common, "--trainer.max_epochs", "2", "--run_dir", str(single), cwd=tmp_path)
@@ -68,8 +97,9 @@ def test_ddp_on_cpu_matches_single_process(data_root, cache_dir, tmp_path):
     assert abs(two["test_acc"] - one["test_acc"]) < 0.08, (one["test_acc"], two["test_acc"])
     # Evaluation of one checkpoint is the same metric whether it runs on 1 or 2 processes.
     ckpt = str(single / "checkpoints" / "last.ckpt")
-    _raeg("test", *common, *ddp, "--ckpt_path", ckpt, "--run_dir", str(tmp_path / "t2"),
-          cwd=tmp_path)
+    _raeg(
+        "test", *common, *ddp, "--ckpt_path", ckpt, "--run_dir", str(tmp_path / "t2"), cwd=tmp_path
+    )
     _raeg("test", *common, "--ckpt_path", ckpt, "--run_dir", str(tmp_path / "t1"), cwd=tmp_path)
     t1, t2 = _results(tmp_path / "t1"), _results(tmp_path / "t2")
     assert t2["world_size"] == 2

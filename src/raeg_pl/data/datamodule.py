@@ -110,6 +110,18 @@ def read_cifar10_batches(folder: Path, train: bool) -> DecodedSplit:
     )
 
 
+def apply_defense_uint8(images: torch.Tensor, spec: str, batch_size: int = 1024) -> torch.Tensor:
+    """Applies a defence's real 8-bit form to uint8 images (N, C, H, W), batch by batch."""
+    from raeg_pl.defenses import get_defense
+
+    defense = get_defense(spec)
+    out = torch.empty_like(images)
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].float() / 255
+        out[i : i + batch_size] = (defense.real(x).clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
+
+
 def stratified_split(
     labels: torch.Tensor, num_classes: int, val_per_class: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +187,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         image_size: (H, W) to resize every image to; needed when sizes differ.
         download: allow a torchvision download of CIFAR-10 when nothing is found locally.
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        train_dir: an ImageFolder split that replaces the dataset's training folder (a
+            protected or recovered export); validation is carved from it, test stays clean.
+        train_defense: a defence spec (``"jpeg:q=75"``, ``"gray"``...) applied once, in its
+            real 8-bit form, to the training and validation images: the pirate's
+            pre-processing.
+        val_on_test: also evaluate the clean test split after every epoch (logged as
+            ``val/test_acc``) to report final and peak accuracy curves.
     """
 
     def __init__(
@@ -194,6 +213,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         image_size: tuple[int, int] | None = None,
         download: bool = True,
         num_workers: int = 0,
+        train_dir: str | None = None,
+        train_defense: str | None = None,
+        val_on_test: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +234,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.image_size = tuple(image_size) if image_size else None
         self.download = download
         self.num_workers = num_workers
+        self.train_dir = Path(train_dir) if train_dir else None
+        self.train_defense = train_defense if train_defense not in (None, "", "none") else None
+        self.val_on_test = val_on_test
         self._located: _Located | None = None
         self._classes: list[str] | None = None
         self._channels: int | None = None
@@ -286,6 +311,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def _load(self, split: str) -> DecodedSplit:
         loc = self.locate()
         folder = loc.train if split == "train" else loc.test
+        if split == "train" and self.train_dir is not None:
+            folder = self.train_dir
         if folder is not None:
             mode = "L" if self.channels == 1 else "RGB"
             decoded, _, _ = load_split_cached(folder, self.cache_dir, mode, self.image_size)
@@ -308,6 +335,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_indices = per_class_subset(
             train_full.labels, self.train_indices, self.train_per_class, self.num_classes, self.seed
         )
+        if self.train_dir is not None and train_full.classes != self.classes:
+            raise DatasetError(
+                f"{self.train_dir}: classes {train_full.classes} differ from the test split's "
+                f"{self.classes}"
+            )
         test_idx = per_class_subset(
             test_full.labels,
             torch.arange(len(test_full.labels)),
@@ -350,10 +382,18 @@ class ImageClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+        # Drop the ragged last batch (BatchNorm on a handful of images is noisy) unless the
+        # whole split is smaller than one batch.
+        per_rank = self._per_rank(self.batch_size)
+        return self._loader(
+            self.train_set, self.batch_size, shuffle=True, drop_last=len(self.train_set) > per_rank
+        )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        val = self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        if self.val_on_test:
+            return [val, self.test_dataloader()]
+        return val
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,380 @@
+"""LightningModule that trains the RAEG protector against a frozen surrogate ensemble."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision.utils as vutils
+from torchmetrics.classification import MulticlassAccuracy
+
+from raeg_pl.defenses import DefenseCurriculum, get_defense
+from raeg_pl.losses import (
+    PSNRController,
+    fidelity_loss,
+    keep_classifiable_loss,
+    label_permutation,
+    out_of_range_penalty,
+    psnr,
+    quantize_ste,
+    recovery_loss,
+    targeted_adversarial_loss,
+    targeted_labels,
+    untargeted_adversarial_loss,
+)
+from raeg_pl.metrics import ImageQuality, from_uint8, to_uint8
+from raeg_pl.models.protector import InvertibleProtector
+
+DEFAULT_TRAIN_DEFENSES = (
+    "jpeg:q=90",
+    "gray",
+    "jpeg:q=75",
+    "blur:sigma=1",
+    "resize:0.5",
+    "noise:std=0.016",
+    "median:k=3",
+    "bits:5",
+    "jpeg:q=50",
+)
+DEFAULT_EVAL_DEFENSES = ("identity", "jpeg:q=75", "gray")
+
+
+def load_surrogate(path: str | Path) -> torch.nn.Module:
+    """A frozen classifier (eval mode, no gradients) from a ``ClassifierLitModule`` checkpoint."""
+    from raeg_pl.lit.classifier import ClassifierLitModule
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: surrogate checkpoint not found")
+    lit = ClassifierLitModule.load_from_checkpoint(path, map_location="cpu")
+    model = lit.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.num_classes = lit.hparams.num_classes
+    return model
+
+
+class ProtectorLitModule(L.LightningModule):
+    """Trains the invertible protector (docs/raeg-method.md, sections 2 and 3).
+
+    Objective per batch, on images ``x`` (B, C, H, W) in [0, 1] with labels ``y``::
+
+        x_p = G(x);  x_q = Q(x_p)  (straight-through 8-bit storage);  x_r = G^-1(x_q)
+        L = l_img * MSE(x_p, x) + l_rec * MSE(x_r, x) + l_adv * L_adv(f(D(x_q)), y)
+          + l_keep * CE(f(x_r), y) + l_range * out_of_range(x_p)
+
+    ``f`` is one member of the frozen surrogate ensemble (members alternate per step), ``D`` a
+    differentiable defence drawn from a curriculum that starts at identity and widens. The
+    first ``warmup_steps`` train reversibility and fidelity only; ``l_adv`` then ramps up over
+    ``adv_ramp_steps`` and drops tenfold for batches whose images are almost all past the cap.
+    A PSNR controller steers ``l_img`` toward ``psnr_target``.
+
+    Args:
+        surrogate_checkpoints: ``ClassifierLitModule`` checkpoints of the surrogates.
+        in_channels: image channels.
+        levels: Haar levels of the protector.
+        blocks_per_level: coupling blocks per level and path.
+        hidden_channels: width of the coupling sub-networks.
+        clamp: soft clamp of the coupling log-scales.
+        lr: Adam learning rate (cosine-decayed over training).
+        l_img: initial fidelity weight (steered by the controller when ``psnr_target`` is set).
+        l_rec: recovery weight.
+        l_adv: adversarial weight after the ramp.
+        l_keep: keep-classifiable weight on recovered images.
+        l_range: out-of-range penalty weight.
+        adv_mode: ``"targeted"`` (fixed label derangement) or ``"untargeted"``.
+        adv_kind: untargeted loss form, ``"margin"`` or ``"capped_ce"``.
+        kappa: cap of the adversarial margin, in logits.
+        target_seed: seed of the label derangement of the targeted mode.
+        psnr_target: target PSNR (dB) of the stored protected images; None disables the
+            controller.
+        controller_rate: gain of the controller per dB of error.
+        warmup_steps: steps without the adversarial term.
+        adv_ramp_steps: steps over which ``l_adv`` rises from 0 to its value.
+        cap_fraction: share of capped images in a batch above which ``l_adv`` is cut tenfold.
+        train_defenses: defence specs of the curriculum, easiest first (empty: none).
+        defense_full_at: training progress at which the whole curriculum is in use.
+        eval_defenses: real defences under which surrogate accuracy is reported.
+        explode_factor: a loss above this multiple of its running mean counts as an explosion.
+        grid_images: images per side of the saved validation grid (0 disables).
+    """
+
+    def __init__(
+        self,
+        surrogate_checkpoints: list[str],
+        in_channels: int = 3,
+        levels: int = 2,
+        blocks_per_level: int = 2,
+        hidden_channels: int = 32,
+        clamp: float = 1.0,
+        lr: float = 1e-3,
+        l_img: float = 1.2,
+        l_rec: float = 1.0,
+        l_adv: float = 0.02,
+        l_keep: float = 0.001,
+        l_range: float = 10.0,
+        adv_mode: str = "targeted",
+        adv_kind: str = "margin",
+        kappa: float = 5.0,
+        target_seed: int = 0,
+        psnr_target: float | None = 33.0,
+        controller_rate: float = 0.02,
+        warmup_steps: int = 50,
+        adv_ramp_steps: int = 100,
+        cap_fraction: float = 0.9,
+        train_defenses: list[str] = list(DEFAULT_TRAIN_DEFENSES),  # noqa: B006 - typed CLI default
+        defense_full_at: float = 0.6,
+        eval_defenses: list[str] = list(DEFAULT_EVAL_DEFENSES),  # noqa: B006 - typed CLI default
+        explode_factor: float = 50.0,
+        grid_images: int = 8,
+    ) -> None:
+        super().__init__()
+        if adv_mode not in ("targeted", "untargeted"):
+            raise ValueError(f"adv_mode must be 'targeted' or 'untargeted', got {adv_mode!r}")
+        if not surrogate_checkpoints:
+            raise ValueError("at least one surrogate checkpoint is needed")
+        self.save_hyperparameters()
+        self.protector = InvertibleProtector(
+            in_channels, levels, blocks_per_level, hidden_channels, clamp
+        )
+        # Kept out of the state dict: the protector checkpoint must not carry the surrogates.
+        self._surrogates = [load_surrogate(p) for p in surrogate_checkpoints]
+        self.num_classes = int(self._surrogates[0].num_classes)
+        self.register_buffer(
+            "permutation", label_permutation(self.num_classes, target_seed), persistent=True
+        )
+        self.curriculum = DefenseCurriculum(train_defenses, full_at=defense_full_at)
+        self.eval_defenses = [get_defense(s) for s in eval_defenses]
+        self.controller = PSNRController(
+            weight=l_img, target_psnr=psnr_target or 0.0, rate=controller_rate
+        )
+        self.quality_protected = ImageQuality()
+        self.quality_recovered = ImageQuality()
+        self.acc_clean = MulticlassAccuracy(self.num_classes, average="micro")
+        self.acc_protected = torch.nn.ModuleDict(
+            {
+                self._key(d): MulticlassAccuracy(self.num_classes, average="micro")
+                for d in self.eval_defenses
+            }
+        )
+        self.target_hits = MulticlassAccuracy(self.num_classes, average="micro")
+        self._loss_ema: float | None = None
+        self._last_good: dict | None = None
+        self.recoveries = 0
+
+    @staticmethod
+    def _key(defense) -> str:
+        return "none" if defense.is_identity else str(defense).replace(":", "_").replace("=", "")
+
+    # -------------------------------------------------------------------- plumbing
+    def _move_surrogates(self) -> None:
+        for s in self._surrogates:
+            s.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_surrogates()
+
+    def on_validation_start(self) -> None:
+        self._move_surrogates()
+
+    def on_test_start(self) -> None:
+        self._move_surrogates()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Protected images (B, C, H, W) float, before 8-bit storage."""
+        return self.protector(images)
+
+    def inverse(self, protected: torch.Tensor) -> torch.Tensor:
+        """Recovered images (B, C, H, W) float from protected (stored) images."""
+        return self.protector.inverse(protected)
+
+    def _adv_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return targeted_labels(labels, self.permutation)
+
+    def _adv_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        if hp.adv_mode == "targeted":
+            return targeted_adversarial_loss(
+                logits, self._adv_targets(labels), kappa=hp.kappa, reduction="none"
+            )
+        return untargeted_adversarial_loss(
+            logits, labels, kappa=hp.kappa, kind=hp.adv_kind, reduction="none"
+        )
+
+    def adv_weight(self, step: int) -> float:
+        """l_adv after warm-up and ramp at a global step."""
+        hp = self.hparams
+        if step < hp.warmup_steps:
+            return 0.0
+        return hp.l_adv * min(1.0, (step - hp.warmup_steps + 1) / max(1, hp.adv_ramp_steps))
+
+    # -------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int):
+        hp = self.hparams
+        images, labels = batch
+        step = self.global_step
+        protected = self.protector(images)
+        stored = quantize_ste(protected)
+        recovered = self.protector.inverse(stored)
+        l_fid = fidelity_loss(protected, images)
+        l_rec = recovery_loss(recovered, images)
+        l_range = out_of_range_penalty(protected)
+        w_img = self.controller.weight if hp.psnr_target else hp.l_img
+        loss = w_img * l_fid + hp.l_rec * l_rec + hp.l_range * l_range
+        w_adv = self.adv_weight(step)
+        if w_adv > 0:
+            surrogate = self._surrogates[step % len(self._surrogates)]
+            progress = step / max(1, self.trainer.estimated_stepping_batches)
+            defense = self.curriculum.sample(progress)
+            per_image = self._adv_loss(surrogate(defense.differentiable(stored)), labels)
+            capped = (per_image <= -hp.kappa + 1e-6).float().mean()
+            if capped >= hp.cap_fraction:
+                w_adv = w_adv / 10
+            l_adv = per_image.mean()
+            l_keep = keep_classifiable_loss(surrogate(recovered), labels)
+            loss = loss + w_adv * l_adv + hp.l_keep * l_keep
+            self.log_dict(
+                {"train/l_adv": l_adv, "train/capped_fraction": capped, "train/l_keep": l_keep}
+            )
+        if not self._loss_is_sane(loss):
+            return None
+        measured = float(psnr(stored.detach(), images))
+        if hp.psnr_target:
+            self.controller.update(measured)
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/l_fid": l_fid,
+                "train/l_rec": l_rec,
+                "train/l_range": l_range,
+                "train/psnr_protected": measured,
+                "train/w_img": w_img,
+                "train/w_adv": w_adv,
+            },
+            prog_bar=False,
+        )
+        self.log("train/psnr", measured, prog_bar=True, logger=False)
+        return loss
+
+    def _loss_is_sane(self, loss: torch.Tensor) -> bool:
+        """NaN/explosion guard: restore the last good weights with half the learning rate."""
+        value = float(loss.detach())
+        exploded = self._loss_ema is not None and value > self.hparams.explode_factor * max(
+            self._loss_ema, 1e-8
+        )
+        if math.isfinite(value) and not exploded:
+            self._loss_ema = (
+                value if self._loss_ema is None else 0.98 * self._loss_ema + 0.02 * value
+            )
+            return True
+        self.recoveries += 1
+        if self._last_good is not None:
+            self.protector.load_state_dict(self._last_good)
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+            opt.state.clear()
+        for cfg in self.trainer.lr_scheduler_configs:
+            cfg.scheduler.base_lrs = [lr * 0.5 for lr in cfg.scheduler.base_lrs]
+        self.log("train/recoveries", float(self.recoveries))
+        return False
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if batch_idx % 50 == 0:
+            self._last_good = copy.deepcopy(self.protector.state_dict())
+
+    # -------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        images, labels = batch
+        stored = from_uint8(to_uint8(self.protector(images)))  # real 8-bit storage
+        recovered = from_uint8(to_uint8(self.protector.inverse(stored)))
+        self.quality_protected.update(stored, images)
+        self.quality_recovered.update(recovered, images)
+        surrogate = self._surrogates[0]
+        self.acc_clean(surrogate(images), labels)
+        for d in self.eval_defenses:
+            self.acc_protected[self._key(d)](surrogate(d.real(stored)), labels)
+        self.target_hits(surrogate(stored), self._adv_targets(labels))
+        if batch_idx == 0 and stage == "val":
+            self._save_grid(images, stored, recovered)
+
+    def _log_eval(self, stage: str) -> None:
+        qp = self.quality_protected.compute()
+        qr = self.quality_recovered.compute()
+        logs = {
+            f"{stage}/psnr_protected": qp["psnr"],
+            f"{stage}/ssim_protected": qp["ssim"],
+            f"{stage}/linf_protected": qp["linf"],
+            f"{stage}/psnr_recovered": qr["psnr"],
+            f"{stage}/ssim_recovered": qr["ssim"],
+            f"{stage}/exact_pixel_rate_recovered": qr["exact_pixel_rate"],
+            f"{stage}/surrogate_acc_clean": self.acc_clean.compute(),
+            f"{stage}/target_hit_rate": self.target_hits.compute(),
+        }
+        for key, metric in self.acc_protected.items():
+            logs[f"{stage}/surrogate_acc_protected/{key}"] = metric.compute()
+        self.log_dict({k: v.float() for k, v in logs.items()}, sync_dist=False)
+        for m in (
+            self.quality_protected,
+            self.quality_recovered,
+            self.acc_clean,
+            self.target_hits,
+            *self.acc_protected.values(),
+        ):
+            m.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _save_grid(self, images, stored, recovered) -> None:
+        n = self.hparams.grid_images
+        if not n or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        n = min(n, len(images))
+        diff = ((stored[:n] - images[:n]) * 10 + 0.5).clamp(0, 1)  # difference amplified 10x
+        grid = vutils.make_grid(
+            torch.cat([images[:n], stored[:n], diff, recovered[:n]]).float().cpu(),
+            nrow=n,
+            padding=1,
+        )
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
+        root.mkdir(parents=True, exist_ok=True)
+        vutils.save_image(grid, root / f"epoch_{self.current_epoch:03d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(
+                    "val/grid",
+                    [grid],
+                    step=self.global_step,
+                    caption=["original / protected / 10x difference / recovered"],
+                )
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.protector.parameters(), lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["psnr_controller"] = self.controller.state_dict()
+        checkpoint["protector_config"] = self.protector.config
+        checkpoint["protector_fingerprint"] = self.protector.fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "psnr_controller" in checkpoint:
+            self.controller.load_state_dict(checkpoint["psnr_controller"])

@@ -1,0 +1,119 @@
+"""Fidelity and reversibility losses, 8-bit quantisation and PSNR (pure tensor functions).
+
+Terms of the RAEG objective (docs/raeg-method.md, section 3) that keep the protected image
+``x_p = G(x)`` close to the original ``x`` and the recovery ``G^-1(Q(x_p))`` from the stored
+8-bit file close to ``x``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "fidelity_loss",
+    "out_of_range_penalty",
+    "psnr",
+    "quantize_ste",
+    "recovery_loss",
+]
+
+
+def quantize_ste(x: torch.Tensor) -> torch.Tensor:
+    """8-bit rounding with a straight-through gradient.
+
+    Simulates storing images as 8-bit files: the forward value is
+    ``clamp(round(255 * x) / 255, 0, 1)``; the backward pass treats the operation as the
+    identity everywhere (straight-through estimator, Bengio et al., "Estimating or
+    propagating gradients through stochastic neurons", 2013), including outside [0, 1], where
+    :func:`out_of_range_penalty` supplies the pull back into range.
+
+    Args:
+        x: float tensor of any shape, nominally in [0, 1].
+
+    Returns:
+        Tensor of the same shape and dtype, values on the grid ``{0, 1/255, ..., 1}``.
+    """
+    q = torch.clamp(torch.round(x * 255.0) / 255.0, 0.0, 1.0)
+    return x + (q - x).detach()
+
+
+def fidelity_loss(protected: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Image fidelity term ``MSE(x_p, x)`` of the RAEG objective.
+
+    Args:
+        protected: (B, C, H, W) protected images ``G(x)``, float, nominally in [0, 1].
+        original: (B, C, H, W) original images in [0, 1].
+
+    Returns:
+        Scalar mean squared error over all elements.
+    """
+    return F.mse_loss(protected, original)
+
+
+def recovery_loss(recovered: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Reversibility term ``MSE(G^-1(Q(x_p)), x)`` of the RAEG objective.
+
+    The caller computes ``recovered = G.inverse(quantize_ste(protected))`` so that the loss
+    measures recovery from the stored 8-bit image, not from the exact float output (which
+    an invertible network recovers to ~1e-6 anyway).
+
+    Args:
+        recovered: (B, C, H, W) recovered images, float.
+        original: (B, C, H, W) original images in [0, 1].
+
+    Returns:
+        Scalar mean squared error over all elements.
+    """
+    return F.mse_loss(recovered, original)
+
+
+def out_of_range_penalty(x: torch.Tensor) -> torch.Tensor:
+    """Quadratic penalty on values outside [0, 1]: ``mean(relu(x - 1)**2 + relu(-x)**2)``.
+
+    Storage clips to [0, 1]; clipped values cannot be inverted, so the generator is taught to
+    stay in range (as in invertible image hiding/rescaling work, e.g. Xiao et al.,
+    "Invertible image rescaling", ECCV 2020, which also quantises and clips its output).
+
+    Args:
+        x: float tensor of any shape.
+
+    Returns:
+        Scalar, zero exactly when every value lies in [0, 1].
+    """
+    return (F.relu(x - 1.0).square() + F.relu(-x).square()).mean()
+
+
+def psnr(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    data_range: float = 1.0,
+    reduction: str = "mean",
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, computed per image and averaged over the batch.
+
+    ``PSNR = 10 * log10(data_range**2 / MSE)``, MSE taken over (C, H, W) of each image. The
+    MSE is floored at ``eps`` so identical images give a large finite value (100 dB for the
+    defaults) instead of infinity, which keeps running averages and controllers finite.
+
+    Args:
+        a: (B, C, H, W) or (B, ...) images.
+        b: tensor of the same shape as ``a``.
+        data_range: value range of the images (1.0 for [0, 1], 255.0 for 8-bit integers).
+        reduction: ``"mean"`` for the batch mean (scalar) or ``"none"`` for (B,) values.
+        eps: floor on the per-image MSE.
+
+    Returns:
+        Scalar (``"mean"``) or (B,) tensor of PSNR values in dB.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = a.float() - b.float()
+    mse = diff.square().reshape(diff.shape[0], -1).mean(dim=1).clamp_min(eps)
+    values = 10.0 * torch.log10(data_range**2 / mse)
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "none":
+        return values
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
