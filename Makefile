@@ -8,11 +8,13 @@ BIN := $(VENV)/bin
 # Torch is pinned to the release the project is tested with; pip takes it from a local
 # wheelhouse when one is configured, else from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXP ?= experiments/surrogate/quick.yaml
+EXP ?= experiments/protect/quick.yaml
 OUT ?=
 PYTEST_ARGS ?=
 
-export RAEG_DATA_DIR ?= $(CURDIR)/data
+# Data root: $RAEG_DATA_DIR if set, else a sibling shared/datasets copy when one exists,
+# else ./data (CIFAR-10 is then downloaded through torchvision where the network allows).
+export RAEG_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/datasets) data))
 export RAEG_CACHE_DIR ?= $(CURDIR)/data/cache
 
 help: ## list the targets
@@ -28,10 +30,13 @@ $(BIN)/raeg: setup.cfg pyproject.toml
 
 install: $(BIN)/raeg ## create .venv and install the package (editable) with its dev extra
 
-train: install ## run the default experiment end to end (EXP=<config> OUT=<run dir> to choose)
-	$(BIN)/raeg fit --config $(EXP) $(if $(OUT),--run_dir $(OUT),)
+train: install ## run the default protection experiment end to end (EXP=<config> OUT=<run dir>)
+	$(BIN)/raeg pipeline --config $(EXP) $(if $(OUT),--run_dir $(OUT),)
 
-test: install ## run the test suite (real CIFAR-10 from $$RAEG_DATA_DIR)
+surrogate: install ## train one classifier with LightningCLI (EXP=experiments/surrogate/quick.yaml)
+	$(BIN)/raeg fit --config $(if $(filter experiments/protect/%,$(EXP)),experiments/surrogate/quick.yaml,$(EXP)) $(if $(OUT),--run_dir $(OUT),)
+
+test: install ## run the test suite (real CIFAR-10 from RAEG_DATA_DIR)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
@@ -40,8 +45,9 @@ lint: install ## ruff lint and format check
 
 bench: install ## benchmarks: throughput ratios against baselines measured in the same run
 	$(BIN)/python benchmarks/bench_data_pipeline.py
+	$(BIN)/python benchmarks/bench_protector.py
 
 clean: ## remove run outputs (keeps .venv and the data cache)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install train test lint bench clean
+.PHONY: help install train surrogate test lint bench clean

@@ -242,3 +242,17 @@ def test_image_quality_uint8_input_and_reset():
     out = m_float.compute()
     assert out["psnr"].item() == PSNR_MAX_DB and out["exact_pixel_rate"].item() == 1.0
     assert out["linf"].item() == 0.0 and out["ssim"].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ssim_is_exact_inside_a_bf16_autocast_region():
+    import torch
+
+    from raeg_pl.metrics import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    y = (x + 0.002 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ssim(x, y)
+    assert torch.allclose(inside, ssim(x, y), atol=1e-6)
+    assert inside.min() > 0.99

@@ -140,7 +140,8 @@ class ClassifierLitModule(L.LightningModule):
         if hp.scheduler == "none":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        if hp.scheduler == "onecycle":
+        # OneCycleLR needs a few steps on each side of its peak; tiny smoke runs fall back.
+        if hp.scheduler == "onecycle" and total >= 8:
             sched = OneCycleLR(
                 opt,
                 max_lr=hp.lr,

@@ -80,6 +80,9 @@ class ProtectorLitModule(L.LightningModule):
         hidden_channels: width of the coupling sub-networks.
         clamp: soft clamp of the coupling log-scales.
         lr: Adam learning rate (cosine-decayed over training).
+        adam_eps: Adam's epsilon. At the identity initialisation the gradients are rounding
+            noise (~1e-10); Adam's scale invariance would turn them into full-size random
+            steps with the usual 1e-8, so the generator would drift before any signal.
         l_img: initial fidelity weight (steered by the controller when ``psnr_target`` is set).
         l_rec: recovery weight.
         l_adv: adversarial weight after the ramp.
@@ -98,7 +101,7 @@ class ProtectorLitModule(L.LightningModule):
         train_defenses: defence specs of the curriculum, easiest first (empty: none).
         defense_full_at: training progress at which the whole curriculum is in use.
         eval_defenses: real defences under which surrogate accuracy is reported.
-        explode_factor: a loss above this multiple of its running mean counts as an explosion.
+        explode_threshold: a loss of larger magnitude counts as an explosion.
         grid_images: images per side of the saved validation grid (0 disables).
     """
 
@@ -111,6 +114,7 @@ class ProtectorLitModule(L.LightningModule):
         hidden_channels: int = 32,
         clamp: float = 1.0,
         lr: float = 1e-3,
+        adam_eps: float = 1e-6,
         l_img: float = 1.2,
         l_rec: float = 1.0,
         l_adv: float = 0.02,
@@ -128,7 +132,7 @@ class ProtectorLitModule(L.LightningModule):
         train_defenses: list[str] = list(DEFAULT_TRAIN_DEFENSES),  # noqa: B006 - typed CLI default
         defense_full_at: float = 0.6,
         eval_defenses: list[str] = list(DEFAULT_EVAL_DEFENSES),  # noqa: B006 - typed CLI default
-        explode_factor: float = 50.0,
+        explode_threshold: float = 100.0,
         grid_images: int = 8,
     ) -> None:
         super().__init__()
@@ -161,7 +165,6 @@ class ProtectorLitModule(L.LightningModule):
             }
         )
         self.target_hits = MulticlassAccuracy(self.num_classes, average="micro")
-        self._loss_ema: float | None = None
         self._last_good: dict | None = None
         self.recoveries = 0
 
@@ -242,7 +245,10 @@ class ProtectorLitModule(L.LightningModule):
         if not self._loss_is_sane(loss):
             return None
         measured = float(psnr(stored.detach(), images))
-        if hp.psnr_target:
+        # The controller only acts once the adversarial term is on: during the warm-up the
+        # generator is near the identity and would drive l_img towards zero, letting the
+        # images drift by noise that spends the distortion budget before any attack starts.
+        if hp.psnr_target and w_adv > 0:
             self.controller.update(measured)
         self.log_dict(
             {
@@ -260,15 +266,13 @@ class ProtectorLitModule(L.LightningModule):
         return loss
 
     def _loss_is_sane(self, loss: torch.Tensor) -> bool:
-        """NaN/explosion guard: restore the last good weights with half the learning rate."""
+        """NaN/explosion guard: restore the last good weights with half the learning rate.
+
+        An explosion is a loss whose magnitude passes ``explode_threshold``; a relative test
+        would fire when the adversarial term first switches on after a near-zero warm-up.
+        """
         value = float(loss.detach())
-        exploded = self._loss_ema is not None and value > self.hparams.explode_factor * max(
-            self._loss_ema, 1e-8
-        )
-        if math.isfinite(value) and not exploded:
-            self._loss_ema = (
-                value if self._loss_ema is None else 0.98 * self._loss_ema + 0.02 * value
-            )
+        if math.isfinite(value) and abs(value) <= self.hparams.explode_threshold:
             return True
         self.recoveries += 1
         if self._last_good is not None:
@@ -362,7 +366,9 @@ class ProtectorLitModule(L.LightningModule):
                 )
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.protector.parameters(), lr=self.hparams.lr)
+        opt = torch.optim.Adam(
+            self.protector.parameters(), lr=self.hparams.lr, eps=self.hparams.adam_eps
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))

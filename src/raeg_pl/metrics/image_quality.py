@@ -131,9 +131,17 @@ def ssim(
     a, b = _pair(a, b, "ssim")
     k = min(kernel_size, *a.shape[-2:])
     k = k if k % 2 == 1 else k - 1
-    out = structural_similarity_index_measure(
-        a, b, data_range=data_range, kernel_size=k, sigma=sigma, reduction="none"
-    )
+    # SSIM's Gaussian filtering must not run in a bf16/fp16 autocast region (validation
+    # under mixed precision): the variance terms lose all precision there.
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        out = structural_similarity_index_measure(
+            a.float(),
+            b.float(),
+            data_range=data_range,
+            kernel_size=k,
+            sigma=sigma,
+            reduction="none",
+        )
     return out.reshape(a.shape[0]).float()
 
 

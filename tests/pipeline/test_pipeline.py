@@ -1,0 +1,104 @@
+"""The protection pipeline end to end on a tiny budget, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raeg_pl.cli import main
+from raeg_pl.pipeline import load_pipeline_config
+
+REPO = Path(__file__).resolve().parents[2]
+QUICK = REPO / "experiments" / "protect" / "quick.yaml"
+PIPELINE_CONFIGS = sorted((REPO / "experiments" / "protect").glob("*.yaml"))
+
+pytestmark = pytest.mark.data
+
+TINY = [
+    "data.train_per_class=16",
+    "data.val_per_class=4",
+    "data.test_per_class=10",
+    "data.batch_size=32",
+    "surrogates.0.max_epochs=1",
+    "protector.max_epochs=1",
+    "protector.model.warmup_steps=1",
+    "protector.model.adv_ramp_steps=2",
+    "pirate.max_epochs=1",
+    "pirate.data.val_per_class=2",
+]
+
+
+def _mtimes(run: Path, stage: str) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (run / stage).rglob("*") if p.is_file()}
+
+
+def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    data = [f"data.data_dir={data_root}", f"data.cache_dir={cache_dir}"]
+    args = ["pipeline", "--config", str(QUICK), "--run_dir", str(run), *TINY, *data]
+    # Interrupted after the protector stage: the later stages have not run.
+    assert main([*args, "--stop_after", "protector"]) == 3
+    assert (run / "protector" / "results.json").is_file()
+    assert not (run / "export").exists() and not (run / "results.json").exists()
+    before = {**_mtimes(run, "surrogate_0"), **_mtimes(run, "protector")}
+    capsys.readouterr()
+    # The rerun skips the finished stages (their files untouched) and completes the rest.
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "surrogate_0: done before, skipped" in out and "protector: done before, skipped" in out
+    assert {**_mtimes(run, "surrogate_0"), **_mtimes(run, "protector")} == before
+    res = json.loads((run / "results.json").read_text())
+    for key in (
+        "psnr_protected",
+        "ssim_protected",
+        "psnr_recovered",
+        "exact_pixel_rate_recovered",
+        "surrogate_acc_clean",
+        "surrogate_acc_protected",
+        "clean_acc",
+        "pirate_acc",
+        "pirate_acc_peak",
+        "authorized_acc",
+        "pirate_acc_by_defense",
+        "splits",
+    ):
+        assert key in res, key
+    assert set(res["pirate_acc_by_defense"]) == {"none", "jpeg:q=75", "gray"}
+    assert res["splits"]["protected_train"] == 160 and res["splits"]["test"] == 100
+    # A 4-step protector is far from its PSNR target; recovery must still be near-exact.
+    assert res["psnr_recovered"] > max(30.0, res["psnr_protected"] + 5)
+    for folder in ("clean", "protected", "recovered"):
+        assert len(list((run / "export" / folder / "train").rglob("*.png"))) == 160
+    report = (run / "report.md").read_text()
+    assert "pirate acc" in report and (run / "curves.png").is_file()
+    # A third run has nothing left to do.
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 10
+
+
+@pytest.mark.parametrize("config", PIPELINE_CONFIGS, ids=lambda p: p.name)
+def test_pipeline_configs_match_the_constructors(config):
+    import inspect
+
+    from raeg_pl.data import ImageClassificationDataModule
+    from raeg_pl.lit.classifier import ClassifierLitModule
+    from raeg_pl.lit.protector import ProtectorLitModule
+
+    cfg = load_pipeline_config(config)
+    ImageClassificationDataModule(**cfg["data"])
+    for section in [*cfg["surrogates"], cfg["pirate"]]:
+        inspect.signature(ClassifierLitModule).bind(**section["model"])
+        ImageClassificationDataModule(**{**cfg["data"], **section.get("data", {})})
+    inspect.signature(ProtectorLitModule).bind(
+        surrogate_checkpoints=["x"], **cfg["protector"]["model"]
+    )
+    assert cfg["profile"] in ("quick", "paper")
+
+
+def test_unknown_pipeline_keys_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"defaults: [{QUICK}]\npirates: {{}}\n")
+    with pytest.raises(ValueError, match="pirates"):
+        load_pipeline_config(bad)
