@@ -31,7 +31,8 @@ import torch
 import yaml
 
 from raeg_pl.data.datamodule import ImageClassificationDataModule
-from raeg_pl.utils.run import atomic_write_text, to_float_dict, write_results
+from raeg_pl.utils.files import write_atomic_text
+from raeg_pl.utils.run import to_float_dict, write_results
 from raeg_pl.utils.trainer import run_callbacks, run_loggers
 
 STAGE_RESULTS = "results.json"
@@ -323,7 +324,7 @@ class Pipeline:
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
+        write_atomic_text(
             self.run_dir / "pipeline_config.yaml", yaml.safe_dump(self.cfg, sort_keys=False)
         )
         t0 = time.perf_counter()
@@ -427,6 +428,20 @@ def export_stage(
             stored = from_uint8(to_uint8(net(x)))
             for d in eval_defenses:
                 correct[d] += int((surrogate(get_defense(d).real(stored)).argmax(1) == y).sum())
+
+        # The published images themselves (what a pirate downloads), as stored.
+        def hits(imgs: torch.Tensor) -> int:
+            return sum(
+                int(
+                    (
+                        surrogate(imgs[i : i + 500].float() / 255).argmax(1)
+                        == p_labels[i : i + 500]
+                    ).sum()
+                )
+                for i in range(0, len(imgs), 500)
+            )
+
+        correct_train, correct_clean_train = hits(p_images), hits(c_images)
     n = len(dm.test_set)
     for d in eval_defenses:
         acc[d] = correct[d] / n
@@ -441,6 +456,8 @@ def export_stage(
         "surrogate_acc_clean": correct_clean / n,
         "surrogate_acc_protected": acc.get("none", acc.get("identity")),
         "surrogate_acc_protected_by_defense": acc,
+        "surrogate_acc_protected_train": correct_train / len(p_images),
+        "surrogate_acc_clean_train": correct_clean_train / len(c_images),
         "exported_images": len(images),
         "test_images": n,
         "export_seconds": round(export_s, 1),
@@ -543,6 +560,10 @@ def write_report(run_dir: Path, results: dict) -> Path:
         ("PSNR recovered from PNG (dB)", f"{results['psnr_recovered']:.2f}"),
         ("exact pixel rate recovered", f"{results['exact_pixel_rate_recovered']:.4f}"),
         ("surrogate acc clean test (%)", pct(results["surrogate_acc_clean"])),
+        (
+            "surrogate acc on the protected training images (%)",
+            pct(results["surrogate_acc_protected_train"] or float("nan")),
+        ),
         *[
             (f"surrogate acc protected test, {d} (%)", pct(v))
             for d, v in results["surrogate_acc_protected_by_defense"].items()
@@ -583,7 +604,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
             f"![grid]({rel.as_posix()})",
         ]
     path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_atomic_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,23 +27,10 @@ import torch
 from PIL import Image
 
 import raeg_pl
-from raeg_pl.utils.run import atomic_write_text
+from raeg_pl.utils.files import sha256_bytes, sha256_file, write_atomic, write_atomic_text
 
 MANIFEST = "manifest.json"
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tensor_fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
@@ -63,20 +49,6 @@ def png_bytes(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes bytes to a temporary file beside ``path``, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_png(path: Path) -> torch.Tensor:
@@ -158,7 +130,7 @@ def write_image_folder(
         **(extra or {}),
         "files": entries,
     }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_atomic_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 

@@ -7,15 +7,14 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 import raeg_pl
+from raeg_pl.utils.files import write_atomic_text
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -48,23 +47,10 @@ def config_hash(config_text: str) -> str:
     return hashlib.sha256(config_text.encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes text to a temporary file beside ``path``, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def environment_info() -> dict[str, Any]:
     """Versions and hardware that a reader needs to interpret the numbers."""
+    import lightning as L
+
     return {
         "raeg_pl": raeg_pl.__version__,
         "torch": torch.__version__,
@@ -93,7 +79,7 @@ def write_results(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = Path(run_dir) / "results.json"
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
+    write_atomic_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
     return path
 
 
