@@ -232,3 +232,25 @@ def test_augmentation_crops_and_flips_per_image():
     # Over many draws both flips and several offsets occur.
     many = random_crop_flip(x[:1].expand(64, -1, -1, -1), padding=2, flip=True)
     assert len({tuple(m.flatten()[:5].tolist()) for m in many}) > 5
+
+
+def test_train_defense_is_applied_to_training_and_validation_images_only(small_folder, tmp_path):
+    common = {
+        "dataset": small_folder.name,
+        "data_dir": str(small_folder.parent),
+        "cache_dir": str(tmp_path / "c"),
+        "val_per_class": 2,
+        "download": False,
+    }
+    plain = ImageClassificationDataModule(**common)
+    gray = ImageClassificationDataModule(**common, train_defense="gray")
+    jpeg = ImageClassificationDataModule(**common, train_defense="jpeg:q=10")
+    for dm in (plain, gray, jpeg):
+        dm.setup()
+    for split in ("train_set", "val_set"):
+        g = getattr(gray, split).images
+        assert torch.equal(g[:, 0], g[:, 1]) and torch.equal(g[:, 1], g[:, 2])
+        assert not torch.equal(getattr(plain, split).images, g)
+        diff = getattr(jpeg, split).images.float() - getattr(plain, split).images.float()
+        assert diff.abs().mean() > 2  # quality 10 visibly changes the pixels
+    assert torch.equal(gray.test_set.images, plain.test_set.images)  # the test set stays clean

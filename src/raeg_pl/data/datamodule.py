@@ -348,11 +348,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.seed,
         )
         self.train_files = [train_full.files[i] for i in self.train_indices.tolist()]
+        train_images = train_full.images
+        if self.train_defense:
+            # The pirate's pre-processing, once, in its real 8-bit form (real JPEG codec...).
+            train_images = apply_defense_uint8(train_images, self.train_defense)
         self.train_set = TensorImageDataset(
-            train_full.images[self.train_indices], train_full.labels[self.train_indices]
+            train_images[self.train_indices], train_full.labels[self.train_indices]
         )
         self.val_set = TensorImageDataset(
-            train_full.images[self.val_indices], train_full.labels[self.val_indices]
+            train_images[self.val_indices], train_full.labels[self.val_indices]
         )
         self.test_set = TensorImageDataset(test_full.images[test_idx], test_full.labels[test_idx])
 
