@@ -491,6 +491,8 @@ def summarise(cfg: dict, run_dir: Path, exp: dict, clfs: dict[str, dict]) -> dic
                 "surrogate_acc_clean",
                 "surrogate_acc_protected",
                 "surrogate_acc_protected_by_defense",
+                "surrogate_acc_protected_train",
+                "surrogate_acc_clean_train",
             )
         },
         "clean_acc": base["test_acc"],
@@ -561,8 +563,9 @@ def write_report(run_dir: Path, results: dict) -> Path:
         ("exact pixel rate recovered", f"{results['exact_pixel_rate_recovered']:.4f}"),
         ("surrogate acc clean test (%)", pct(results["surrogate_acc_clean"])),
         (
-            "surrogate acc on the protected training images (%)",
-            pct(results["surrogate_acc_protected_train"] or float("nan")),
+            "surrogate acc on the training images, clean / protected (%)",
+            f"{pct(results['surrogate_acc_clean_train'])} / "
+            f"{pct(results['surrogate_acc_protected_train'])}",
         ),
         *[
             (f"surrogate acc protected test, {d} (%)", pct(v))
