@@ -41,18 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+from raeg_pl.data.datamodule import CIFAR10_CLASSES
+
+CLASSES = CIFAR10_CLASSES
 FULL = {
     "cifar_images": 500,
     "photo_size": 512,

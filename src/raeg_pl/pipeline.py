@@ -212,6 +212,28 @@ class Pipeline:
             raise StageLimitReached(name)
         return out
 
+    def _train(
+        self,
+        stage_dir: Path,
+        spec: dict,
+        seed: int,
+        data: dict | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """One classifier stage from a ``{model, max_epochs, data?, trainer?}`` spec."""
+        data_cfg = deep_merge(deep_merge(self.data_cfg, spec.get("data") or {}), data or {})
+        trainer_cfg = deep_merge(self.trainer_cfg, spec.get("trainer") or {})
+        return train_classifier(
+            stage_dir,
+            spec["model"],
+            data_cfg,
+            trainer_cfg,
+            int(spec["max_epochs"]),
+            seed,
+            self.wandb,
+            extra=extra,
+        )
+
     # 1. surrogates
     def surrogates(self) -> list[Path]:
         paths = []
@@ -219,16 +241,7 @@ class Pipeline:
             name = f"surrogate_{i}"
 
             def run(stage_dir, spec=spec, i=i):
-                data = deep_merge(self.data_cfg, spec.get("data") or {})
-                return train_classifier(
-                    stage_dir,
-                    spec["model"],
-                    data,
-                    deep_merge(self.trainer_cfg, spec.get("trainer") or {}),
-                    int(spec["max_epochs"]),
-                    self.seed + i,
-                    self.wandb,
-                )
+                return self._train(stage_dir, spec, self.seed + i)
 
             self._stage(name, run)
             paths.append(self.run_dir / name / "checkpoints" / "last.ckpt")
@@ -302,20 +315,16 @@ class Pipeline:
         for name, source, defense in jobs:
 
             def run(stage_dir, source=source, defense=defense):
-                data = deep_merge(self.data_cfg, spec.get("data") or {})
-                data.update(
-                    train_dir=str(self.run_dir / "export" / source / "train"),
-                    train_defense=None if defense == "none" else defense,
-                    train_per_class=None,
-                )
-                return train_classifier(
+                data = {
+                    "train_dir": str(self.run_dir / "export" / source / "train"),
+                    "train_defense": None if defense == "none" else defense,
+                    "train_per_class": None,
+                }
+                return self._train(
                     stage_dir,
-                    spec["model"],
-                    data,
-                    deep_merge(self.trainer_cfg, spec.get("trainer") or {}),
-                    int(spec["max_epochs"]),
+                    spec,
                     self.seed + 100,
-                    self.wandb,
+                    data,
                     extra={"source": source, "defense": defense},
                 )
 
