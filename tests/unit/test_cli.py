@@ -40,3 +40,40 @@ def test_unknown_command_exits_non_zero(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
     assert main(["--help"]) == 0
+
+
+def test_metric_history_rows_hold_their_own_epoch():
+    import lightning as L
+    import torch
+
+    from raeg_pl.utils.callbacks import MetricHistory
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, i):
+            pass
+
+        def on_validation_epoch_end(self):
+            self.log("val/epoch_seen", float(self.current_epoch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    history = MetricHistory()
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[history],
+        logger=False,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(Probe(), data, data)
+    assert [row["val/epoch_seen"] for row in history.history] == [0.0, 1.0, 2.0]

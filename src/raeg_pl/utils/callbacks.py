@@ -24,7 +24,9 @@ class MetricHistory(L.Callback):
         self._t0 = time.perf_counter()
         self.history = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Not on_validation_epoch_end: callbacks run before the module's own epoch-end hook,
+        # so metrics the module logs there would land in the next epoch's row.
         if trainer.sanity_checking or self._t0 is None:
             return
         row = {
