@@ -361,21 +361,6 @@ def _slug(defense: str) -> str:
     )
 
 
-def _load_protector(ckpt: Path):
-    from raeg_pl.models.protector import InvertibleProtector
-
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-    net = InvertibleProtector(**blob["protector_config"])
-    net.load_state_dict(
-        {
-            k[len("protector.") :]: v
-            for k, v in blob["state_dict"].items()
-            if k.startswith("protector.")
-        }
-    )
-    return net.eval()
-
-
 def export_stage(
     stage_dir: Path,
     protector_ckpt: Path,
@@ -386,13 +371,14 @@ def export_stage(
 ) -> dict:
     """Writes clean / protected / recovered PNG folders and measures them from the files."""
     from raeg_pl.defenses import get_defense
+    from raeg_pl.io.keyfile import load_protector_checkpoint
     from raeg_pl.io.protected import load_export, write_image_folder
     from raeg_pl.lit.protector import load_surrogate
     from raeg_pl.metrics import ImageQuality, from_uint8, to_uint8
 
     dm = ImageClassificationDataModule(**data_cfg)
     dm.setup()
-    net = _load_protector(protector_ckpt)
+    net = load_protector_checkpoint(protector_ckpt)
     fingerprint = net.fingerprint()
     images, labels = dm.train_set.images, dm.train_set.labels
     files, classes = dm.train_files, dm.classes

@@ -123,6 +123,35 @@ def load_key(path: str | os.PathLike) -> InvertibleProtector:
     return net
 
 
+def _protector_from_checkpoint_blob(blob: dict[str, Any], path: Path) -> InvertibleProtector:
+    state = {
+        k[len("protector.") :]: v
+        for k, v in blob["state_dict"].items()
+        if k.startswith("protector.")
+    }
+    if not state:
+        raise KeyFileError(f"{path}: checkpoint has no 'protector.*' weights")
+    net = _rebuild(blob["protector_config"], state, path)
+    stored = blob.get("protector_fingerprint")
+    if stored is not None and stored != net.fingerprint():
+        raise KeyFileError(f"{path}: checkpoint's protector_fingerprint does not match its weights")
+    return net
+
+
+def load_protector_checkpoint(path: str | os.PathLike) -> InvertibleProtector:
+    """The protector (eval mode, CPU) of a ProtectorLitModule Lightning checkpoint.
+
+    Raises:
+        KeyFileError: the file is not a protector checkpoint, or its stored fingerprint does
+            not match its weights.
+    """
+    path = Path(path)
+    blob = _torch_load(path, weights_only=False)
+    if not (isinstance(blob, dict) and "protector_config" in blob and "state_dict" in blob):
+        raise KeyFileError(f"{path}: not a protector checkpoint (no 'protector_config')")
+    return _protector_from_checkpoint_blob(blob, path)
+
+
 def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
     """Writes a standalone key file from a protector checkpoint.
 
@@ -148,19 +177,7 @@ def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) 
     if isinstance(blob, dict) and blob.get("format") == KEY_FORMAT:
         net = load_key(src)
     elif isinstance(blob, dict) and "protector_config" in blob and "state_dict" in blob:
-        state = {
-            k[len("protector.") :]: v
-            for k, v in blob["state_dict"].items()
-            if k.startswith("protector.")
-        }
-        if not state:
-            raise KeyFileError(f"{src}: checkpoint has no 'protector.*' weights")
-        net = _rebuild(blob["protector_config"], state, src)
-        stored = blob.get("protector_fingerprint")
-        if stored is not None and stored != net.fingerprint():
-            raise KeyFileError(
-                f"{src}: checkpoint's protector_fingerprint does not match its weights"
-            )
+        net = _protector_from_checkpoint_blob(blob, src)
     else:
         raise KeyFileError(
             f"{src}: neither a protector checkpoint (no 'protector_config') nor a RAEG key file"
