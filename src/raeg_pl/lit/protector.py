@@ -79,7 +79,10 @@ class ProtectorLitModule(L.LightningModule):
         blocks_per_level: coupling blocks per level and path.
         hidden_channels: width of the coupling sub-networks.
         clamp: soft clamp of the coupling log-scales.
-        lr: Adam learning rate (cosine-decayed over training).
+        lr: Adam learning rate (linear warm-up, then cosine-decayed over training).
+        lr_warmup_steps: steps of the linear learning-rate warm-up. The generator starts at
+            the identity, where full-size Adam steps move it in a random direction and spend
+            the distortion budget on noise before the fidelity term pulls it back.
         adam_eps: Adam's epsilon. At the identity initialisation the gradients are rounding
             noise (~1e-10); Adam's scale invariance would turn them into full-size random
             steps with the usual 1e-8, so the generator would drift before any signal.
@@ -114,6 +117,7 @@ class ProtectorLitModule(L.LightningModule):
         hidden_channels: int = 32,
         clamp: float = 1.0,
         lr: float = 1e-3,
+        lr_warmup_steps: int = 0,
         adam_eps: float = 1e-6,
         l_img: float = 1.2,
         l_rec: float = 1.0,
@@ -370,9 +374,13 @@ class ProtectorLitModule(L.LightningModule):
             self.protector.parameters(), lr=self.hparams.lr, eps=self.hparams.adam_eps
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
-        )
+        warm = max(0, int(self.hparams.lr_warmup_steps))
+
+        def factor(s: int) -> float:
+            cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+            return cosine * min(1.0, (s + 1) / warm) if warm else cosine
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -------------------------------------------------------------------- checkpoints
