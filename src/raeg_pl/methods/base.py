@@ -1,0 +1,68 @@
+"""The interface every protection method implements (RAEG and the baselines).
+
+A method turns the owner's training images into protected images, all as 8-bit tensors, so
+every method is exported, stored and measured the same way (:mod:`raeg_pl.io.protected`)
+and every table compares like with like. Reversible methods also restore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ProtectionMethod:
+    """A way of protecting an image dataset.
+
+    Subclasses set ``name`` and ``reversible`` and implement :meth:`protect` (and
+    :meth:`recover` when reversible). Images are always (N, C, H, W) uint8 and labels (N,)
+    int64 on the CPU; methods batch internally and may run on ``device``.
+
+    Args:
+        surrogates: frozen classifiers (eval mode, logits from [0, 1] float images) that
+            attack-based methods target. Methods that need none ignore them.
+        device: where the heavy work runs.
+        batch_size: images per internal batch.
+        seed: seed of any randomness (random starts, label permutation, ...).
+    """
+
+    name: str = "method"
+    reversible: bool = False
+    # False for methods that only exist for the images they were fitted on (sample-wise
+    # optimised noise): they have no inference-time figures on unseen test images.
+    protects_unseen: bool = True
+
+    def __init__(
+        self,
+        surrogates: list[nn.Module] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        self.surrogates = list(surrogates or [])
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Learns whatever the method needs from the whole training set (default: nothing)."""
+
+    def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Protected copies (N, C, H, W) uint8 of ``images`` (N, C, H, W) uint8."""
+        raise NotImplementedError
+
+    def recover(self, protected: torch.Tensor) -> torch.Tensor:
+        """Restored images (N, C, H, W) uint8 from stored protected images (reversible only)."""
+        raise NotImplementedError(f"{self.name} is not reversible")
+
+    def config(self) -> dict[str, Any]:
+        """The parameters that identify this method's output (written to the manifest)."""
+        return {"name": self.name}
+
+
+def batches(n: int, size: int):
+    """``slice`` objects covering ``range(n)`` in chunks of ``size``."""
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

@@ -1,0 +1,288 @@
+"""PGD baselines: adversarial examples and class-targeted adversarial poisoning.
+
+Both perturb each image inside an L-inf ball of ``eps`` 8-bit levels with projected gradient
+descent on the cross-entropy of a frozen surrogate ensemble, and store the result as 8-bit
+images whose difference to the original is still at most ``eps`` levels. Neither is
+reversible: the original is not recoverable from the stored image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raeg_pl.losses import label_permutation, targeted_labels
+from raeg_pl.methods.base import ProtectionMethod, batches
+from raeg_pl.metrics import from_uint8
+
+__all__ = [
+    "PGDMethod",
+    "TargetedPoisonMethod",
+    "bf16_autocast",
+    "check_images_labels",
+    "store_within_eps",
+]
+
+
+def check_images_labels(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raises ``ValueError`` unless ``images`` is (N, C, H, W) uint8 and ``labels`` (N,)."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(
+            f"expected (N, C, H, W) uint8 images, got {images.dtype} of shape {tuple(images.shape)}"
+        )
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise ValueError(f"expected ({len(images)},) labels, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+
+
+def store_within_eps(x: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
+    """The 8-bit storage step of a perturbation that must stay within ``eps`` levels.
+
+    Rounds ``x`` to 8 bits and clamps each value to ``original +- floor(eps)``: rounding a
+    value that sits exactly on a non-integer ball boundary (e.g. ``eps = 4.5``) would
+    otherwise step one level outside the ball.
+
+    Args:
+        x: (N, C, H, W) float in [0, 1], the perturbed images.
+        original: (N, C, H, W) uint8, the images ``x`` was perturbed from.
+        eps: L-inf radius in 8-bit levels, >= 0.
+
+    Returns:
+        (N, C, H, W) uint8 on ``original``'s device with ``|out - original| <= floor(eps)``.
+    """
+    levels = int(math.floor(eps + 1e-6))
+    base = original.to(device=x.device, dtype=torch.int16)
+    q = torch.round(x.detach().float().clamp(0.0, 1.0) * 255.0).to(torch.int16)
+    q = torch.minimum(torch.maximum(q, base - levels), base + levels).clamp(0, 255)
+    return q.to(device=original.device, dtype=torch.uint8)
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    """A bf16 autocast on CUDA when ``enabled``; a no-op context everywhere else."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PGDMethod(ProtectionMethod):
+    """Untargeted L-inf PGD adversarial examples against a surrogate ensemble.
+
+    Projected gradient ascent on the cross-entropy of the true label (Madry et al.,
+    "Towards deep learning models resistant to adversarial attacks", ICLR 2018), averaged
+    over the surrogates: per step ``x <- P(x + a * sign(grad_x mean_k CE(f_k(x), y)))``
+    where ``P`` projects onto ``{|x - x0|_inf <= eps} ∩ [0, 1]``. The random start is
+    uniform in the eps ball. Images are processed in float [0, 1] and stored as 8 bits.
+
+    Args:
+        surrogates: frozen classifiers (logits from [0, 1] images); at least one is needed
+            to protect. They are put in eval mode with parameter gradients off.
+        device: where the attack runs.
+        batch_size: images per attack batch.
+        seed: seed of the random start (a CPU ``torch.Generator``, so results do not depend
+            on the device's random number generator).
+        eps: L-inf radius in 8-bit levels (6 means 6/255), >= 0.
+        step_size: step in 8-bit levels; default ``2.5 * eps / steps`` (Madry et al.).
+        steps: gradient steps, >= 0.
+        random_start: start from a uniform point in the eps ball instead of the image.
+        amp: run the surrogates under bf16 autocast (CUDA only; ignored on the CPU).
+    """
+
+    name = "pgd"
+    reversible = False
+    #: +1 ascends the cross-entropy (away from the label), -1 descends it (toward a target).
+    direction: float = 1.0
+
+    def __init__(
+        self,
+        surrogates: list[nn.Module] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        seed: int = 0,
+        eps: float = 6.0,
+        step_size: float | None = None,
+        steps: int = 10,
+        random_start: bool = True,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(surrogates=surrogates, device=device, batch_size=batch_size, seed=seed)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0 (8-bit levels), got {eps}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if step_size is None:
+            step_size = 2.5 * eps / steps if steps > 0 else 0.0
+        if step_size < 0 or (steps > 0 and eps > 0 and step_size == 0):
+            raise ValueError(f"step_size must be > 0 (8-bit levels), got {step_size}")
+        self.eps = float(eps)
+        self.step_size = float(step_size)
+        self.steps = int(steps)
+        self.random_start = bool(random_start)
+        self.amp = bool(amp)
+
+    def _attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class each image's cross-entropy is taken against: its own label."""
+        return labels.long()
+
+    def _models(self) -> list[nn.Module]:
+        if not self.surrogates:
+            raise ValueError(f"{self.name}: needs at least one surrogate classifier, got none")
+        for model in self.surrogates:
+            model.eval().to(self.device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return self.surrogates
+
+    def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """PGD-perturbed copies of ``images``.
+
+        Args:
+            images: (N, C, H, W) uint8.
+            labels: (N,) int64 true labels.
+
+        Returns:
+            (N, C, H, W) uint8 on the CPU, each value within ``floor(eps)`` levels of the input.
+        """
+        check_images_labels(images, labels)
+        models = self._models()
+        generator = torch.Generator().manual_seed(self.seed)
+        out = torch.empty_like(images, device="cpu")
+        for sl in batches(len(images), self.batch_size):
+            out[sl] = self._attack_batch(images[sl], labels[sl], models, generator).cpu()
+        return out
+
+    def _attack_batch(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        models: list[nn.Module],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """One batch: (B, C, H, W) uint8 in, (B, C, H, W) uint8 perturbed out."""
+        x0 = from_uint8(images.to(self.device))
+        y = self._attack_labels(labels).to(self.device)
+        eps = self.eps / 255.0
+        step = self.step_size / 255.0
+        x = x0.clone()
+        if self.random_start and eps > 0:
+            # Drawn on the CPU so the start is the same on every device.
+            noise = torch.rand(x0.shape, generator=generator).mul_(2.0).sub_(1.0).mul_(eps)
+            x = (x0 + noise.to(self.device)).clamp_(0.0, 1.0)
+        for _ in range(self.steps):
+            x.requires_grad_(True)
+            with bf16_autocast(self.device, self.amp):
+                # Per-sample losses summed over the batch: each image's gradient is its own.
+                losses = [F.cross_entropy(m(x).float(), y, reduction="sum") for m in models]
+                loss = torch.stack(losses).mean()
+            (grad,) = torch.autograd.grad(loss, x)
+            with torch.no_grad():
+                x = x + self.direction * step * grad.sign()
+                x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+        return store_within_eps(x, images.to(self.device), self.eps)
+
+    def config(self) -> dict[str, Any]:
+        """Name and every parameter that determines the output."""
+        return {
+            "name": self.name,
+            "eps": self.eps,
+            "step_size": self.step_size,
+            "steps": self.steps,
+            "random_start": self.random_start,
+            "amp": self.amp,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_surrogates": len(self.surrogates),
+        }
+
+
+class TargetedPoisonMethod(PGDMethod):
+    """Adversarial poisoning: class-targeted PGD toward a fixed label derangement.
+
+    Every image of class ``c`` is pushed toward class ``perm[c]`` by projected gradient
+    descent on ``mean_k CE(f_k(x), perm[y])``, with ``perm`` a fixed derangement from
+    :func:`raeg_pl.losses.label_permutation` (seeded by ``seed``), so no class targets
+    itself. Training on such images teaches a pirate the wrong, consistent class features
+    (Fowl et al., "Adversarial examples make strong poisons", NeurIPS 2021).
+
+    Args:
+        num_classes: number of classes; default: the surrogates' ``num_classes`` attribute
+            (set by :func:`raeg_pl.lit.protector.load_surrogate`), else the width of their
+            logits on the first batch.
+
+    The other arguments are those of :class:`PGDMethod`; ``seed`` also fixes the permutation.
+    """
+
+    name = "poison"
+    direction = -1.0
+
+    def __init__(
+        self,
+        surrogates: list[nn.Module] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        seed: int = 0,
+        eps: float = 6.0,
+        step_size: float | None = None,
+        steps: int = 10,
+        random_start: bool = True,
+        amp: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(
+            surrogates=surrogates,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            random_start=random_start,
+            amp=amp,
+        )
+        if num_classes is None:
+            found = {getattr(m, "num_classes", None) for m in self.surrogates} - {None}
+            if len(found) > 1:
+                raise ValueError(f"surrogates disagree on num_classes: {sorted(found)}")
+            num_classes = found.pop() if found else None
+        if num_classes is not None and int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2 for a derangement, got {num_classes}")
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    @property
+    def permutation(self) -> torch.Tensor:
+        """(K,) int64 target class of each class (a derangement)."""
+        if self.num_classes is None:
+            raise ValueError(
+                "poison: num_classes unknown; pass num_classes= or surrogates that set it"
+            )
+        return label_permutation(self.num_classes, self.seed)
+
+    def _attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"poison: labels must lie in [0, {self.num_classes}), "
+                f"got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        return targeted_labels(labels, self.permutation)
+
+    def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Class-targeted poisons of ``images``; see :meth:`PGDMethod.protect`."""
+        check_images_labels(images, labels)
+        if self.num_classes is None and len(images):
+            with torch.no_grad():
+                probe = from_uint8(images[:1].to(self.device))
+                self.num_classes = int(self._models()[0](probe).shape[1])
+        return super().protect(images, labels)
+
+    def config(self) -> dict[str, Any]:
+        """Name, every PGD parameter, the class count and the target of each class."""
+        cfg = super().config()
+        cfg["num_classes"] = self.num_classes
+        cfg["target_permutation"] = None if self.num_classes is None else self.permutation.tolist()
+        return cfg
