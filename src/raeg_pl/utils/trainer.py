@@ -3,39 +3,223 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from raeg_pl.utils.callbacks import MetricHistory
 
+DEFAULT_WANDB_PROJECT = "raeg-pl"
 
-def run_loggers(run_dir: str | os.PathLike, wandb: dict[str, Any] | None = None) -> list[Logger]:
+
+class RaegWandbLogger(WandbLogger):
+    """A WandbLogger whose ``log_image`` takes the project's float images in [0, 1].
+
+    ``wandb.Image`` casts tensor and array pixels to uint8 as they are (it expects
+    [0, 255]), so a float image in [0, 1] would be stored almost black. Float tensors and
+    arrays, (C, H, W) tensors or (H, W, C) arrays in [0, 1], are stored as 8-bit first;
+    uint8 data, PIL images and file paths pass through unchanged.
+    """
+
+    def log_image(
+        self, key: str, images: list[Any], step: int | None = None, **kwargs: Any
+    ) -> None:
+        if isinstance(images, list):
+            images = [_image_to_uint8(img) for img in images]
+        super().log_image(key, images, step, **kwargs)
+
+
+def _image_to_uint8(img: Any) -> Any:
+    """A float tensor / array image in [0, 1] as uint8 [0, 255]; anything else unchanged."""
+    import numpy as np
+    import torch
+
+    from raeg_pl.metrics import to_uint8
+
+    if isinstance(img, torch.Tensor) and img.is_floating_point():
+        return to_uint8(img.detach().float().cpu())
+    if isinstance(img, np.ndarray) and np.issubdtype(img.dtype, np.floating):
+        return to_uint8(torch.from_numpy(img.astype(np.float32))).numpy()
+    return img
+
+
+def wandb_settings(
+    base: dict | None,
+    *,
+    table: str | None = None,
+    row: str | None = None,
+    seed: int | None = None,
+    stage: str | None = None,
+    profile: str | None = None,
+) -> dict | None:
+    """The wandb settings of one run, derived from where it sits in an experiment.
+
+    Runs of one table share a group, so the wandb UI lists a table's rows, stages and seeds
+    together; tags make each facet filterable on its own.
+
+    Args:
+        base: the config's ``wandb`` section (``enabled``, ``project``, ``group``, ``name``,
+            ``tags``, ``offline``); its values are kept where nothing is derived.
+        table: the experiment table, e.g. ``"main-quick"``: the run's group.
+        row: the table row (method or variant), e.g. ``"raeg"``.
+        seed: the run's seed.
+        stage: the pipeline stage, e.g. ``"protector"``: the run's job type.
+        profile: the config profile, e.g. ``"quick"``.
+
+    Returns:
+        ``base`` plus ``project`` (base's or ``"raeg-pl"``), ``group`` (``table``), ``name``
+        (``"<row>-<stage>-s<seed>"``, parts that are None left out), ``tags`` (base's, then
+        ``[table, row, profile, "seed<seed>", stage]`` without Nones or repeats) and
+        ``job_type`` (``stage``); None when ``base`` is None or not enabled.
+    """
+    if not base or not base.get("enabled"):
+        return None
+    out = dict(base)
+    out["project"] = base.get("project") or DEFAULT_WANDB_PROJECT
+    if table is not None:
+        out["group"] = table
+    parts = [row, stage, None if seed is None else f"s{seed}"]
+    if any(p is not None for p in parts):
+        out["name"] = "-".join(str(p) for p in parts if p is not None)
+    facets = [table, row, profile, None if seed is None else f"seed{seed}", stage]
+    tags: list[str] = []
+    for tag in [*(base.get("tags") or []), *facets]:
+        if tag is not None and str(tag) not in tags:
+            tags.append(str(tag))
+    out["tags"] = tags
+    if stage is not None:
+        out["job_type"] = stage
+    return out
+
+
+def flatten_config(cfg: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """A nested config as one flat dict with ``a.b.c`` keys (lists stay values).
+
+    The keys are the ``key.path`` names that ``raeg pipeline`` overrides and wandb sweeps
+    use, so a run's config and a sweep's parameters line up.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, sep, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_loggers(
+    run_dir: str | os.PathLike,
+    wandb: dict[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> list[Logger]:
     """A CSV logger writing into ``run_dir`` itself, plus wandb when ``wandb["enabled"]``.
 
     Args:
-        run_dir: the run directory.
-        wandb: ``enabled``, ``project``, ``group``, ``name``, ``tags``, ``offline``; offline
-            mode is also taken from ``WANDB_MODE=offline`` and needs no account.
+        run_dir: the run directory; wandb writes its run folder under ``run_dir/wandb``.
+        wandb: ``enabled``, ``project``, ``group``, ``name``, ``tags``, ``job_type``,
+            ``offline`` (see :func:`wandb_settings`). Offline mode is also taken from
+            ``WANDB_MODE=offline`` and needs no account; ``WANDB_MODE=disabled`` wins over
+            ``offline``. Under a sweep agent (``WANDB_SWEEP_ID`` set) the agent's
+            ``WANDB_PROJECT`` wins over ``project``.
+        config: the run's flat config (e.g. :func:`flatten_config` of the experiment),
+            stored as the wandb run's config.
     """
     run_dir = Path(run_dir)
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     if wandb and wandb.get("enabled"):
-        from lightning.pytorch.loggers import WandbLogger
-
+        mode = os.environ.get("WANDB_MODE")
+        # WandbLogger(offline=True) sets WANDB_MODE itself, which would undo "disabled".
+        offline = mode != "disabled" and (bool(wandb.get("offline")) or mode == "offline")
+        extra: dict[str, Any] = {}
+        if wandb.get("job_type"):
+            extra["job_type"] = str(wandb["job_type"])
+        if config:
+            extra["config"] = dict(config)
+        # A run started by a sweep agent belongs to the sweep's project, which the agent
+        # passes in WANDB_PROJECT; an explicit project would detach it from the sweep.
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+        project = (os.environ.get("WANDB_PROJECT") if in_sweep else None) or wandb.get("project")
         loggers.append(
-            WandbLogger(
-                project=wandb.get("project", "raeg-pl"),
+            RaegWandbLogger(
+                project=project or DEFAULT_WANDB_PROJECT,
                 group=wandb.get("group"),
                 name=wandb.get("name") or run_dir.name,
                 tags=list(wandb.get("tags") or []),
                 save_dir=str(run_dir),
-                offline=bool(wandb.get("offline")) or os.environ.get("WANDB_MODE") == "offline",
+                offline=offline,
+                **extra,
             )
         )
     return loggers
+
+
+def log_final_metrics(
+    loggers: Iterable[Logger] | Logger | None, metrics: Mapping[str, Any]
+) -> bool:
+    """Writes an experiment's final figures to the summary of its wandb run.
+
+    The summary is what the wandb tables and sweeps read as a run's result (a sweep's
+    ``metric.name`` is looked up there). Other loggers are left alone; their runs record
+    the same figures in ``results.json``.
+
+    Args:
+        loggers: the Trainer's loggers (``trainer.loggers``) or one logger.
+        metrics: JSON-like figures, e.g. the pipeline's ``results.json`` content; nested
+            mappings stay nested in the summary.
+
+    Returns:
+        True when a wandb run received the figures (False without a WandbLogger, and on
+        ranks other than 0).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if loggers is None or rank_zero_only.rank != 0:
+        return False
+    if isinstance(loggers, Logger):
+        loggers = [loggers]
+    written = False
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        logger.experiment.summary.update(dict(metrics))
+        written = True
+    return written
+
+
+def end_wandb_run(loggers: Iterable[Logger] | Logger | None = None) -> bool:
+    """Finishes the open wandb run so that the next stage's WandbLogger starts its own.
+
+    Lightning's WandbLogger reuses a run that is still open (``wandb.run``), so without this
+    every stage of a pipeline would log into the first stage's run. Under a sweep agent
+    (``WANDB_SWEEP_ID`` set) the open run is the agent's trial and stays open: every stage
+    and the final summary belong to it.
+
+    Args:
+        loggers: the stage's loggers; when given, nothing is finished unless one of them is
+            a WandbLogger (another component's run is left alone).
+
+    Returns:
+        True when a run was finished.
+    """
+    if os.environ.get("WANDB_SWEEP_ID"):
+        return False
+    if loggers is not None:
+        if isinstance(loggers, Logger):
+            loggers = [loggers]
+        if not any(isinstance(lg, WandbLogger) for lg in loggers):
+            return False
+    try:
+        import wandb
+    except ImportError:  # the optional extra is not installed: no run can be open
+        return False
+    if wandb.run is None:
+        return False
+    wandb.finish()
+    return True
 
 
 def run_callbacks(
