@@ -9,6 +9,11 @@ An export is an ImageFolder tree of 8-bit PNGs plus ``manifest.json``::
 Every file is written atomically (temporary file in the same folder, then rename) and the
 manifest last, so a folder with a manifest is complete; an interrupted export is simply run
 again.
+
+Under ``torch.distributed`` (DDP, ``torchrun``, ``srun``) :func:`write_image_folder` is a
+collective: each rank transforms and writes only its share of the images, the per-file
+records are gathered, and rank 0 alone writes the manifest, after every rank's files are in
+place. The folder is byte-for-byte the one a single process writes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import raeg_pl
@@ -68,6 +74,47 @@ def _apply(transform: Transform | None, images: torch.Tensor, device: torch.devi
     return (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def _shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's (rank, world size): the arguments, else the default process group's."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised and world_size > 1 else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    if world_size > 1:
+        # The records are gathered through the default group, so it must be this world.
+        if not initialised:
+            raise RuntimeError(
+                f"a sharded export (world_size={world_size}) needs an initialised "
+                "torch.distributed process group"
+            )
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise ValueError(
+                f"rank {rank} / world_size {world_size} differ from the process group's "
+                f"{dist.get_rank()} / {dist.get_world_size()}"
+            )
+    return rank, world_size
+
+
+def _output_paths(files: list[str], split: str) -> list[str]:
+    """Relative output path of each source file; two sources may not share one."""
+    rels = [str(Path(split) / Path(f).with_suffix(".png")) for f in files]
+    if len(set(rels)) != len(rels):
+        seen: dict[str, str] = {}
+        clashes = []
+        for rel, f in zip(rels, files):
+            if rel in seen:
+                clashes.append(f"{seen[rel]} and {f} -> {rel}")
+            seen.setdefault(rel, f)
+        raise ValueError(
+            f"{len(clashes)} output paths are shared by two source files (each would "
+            f"overwrite the other): {clashes[:5]}"
+        )
+    return rels
+
+
 def write_image_folder(
     out_dir: str | os.PathLike,
     images: torch.Tensor,
@@ -80,57 +127,133 @@ def write_image_folder(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     extra: dict[str, Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> dict[str, Any]:
     """Writes images, optionally transformed, as an 8-bit PNG ImageFolder with a manifest.
 
+    With more than one process (``world_size > 1``, by default whenever a
+    ``torch.distributed`` process group is initialised) this is a collective that every rank
+    of the default group calls with the same arguments: rank ``r`` transforms and writes the
+    batches ``r, r + world_size, ...`` of ``batch_size`` images, every file is written by
+    exactly one rank, and rank 0 writes the manifest from the gathered per-file records
+    once all ranks have written theirs. Whole batches are the unit of sharding so that the
+    transform sees the same batches as in a single process, and the files and the manifest
+    are byte-identical to a single-process export of the same data on the same hardware.
+    The ranks' inputs are compared first (a fingerprint of the pixels, labels, paths and
+    ``extra``), and an error on any rank is raised on every rank, so a mismatch or a failure
+    never leaves the others waiting or writes a manifest.
+
     Args:
         out_dir: export folder (created).
-        images: (N, C, H, W) uint8 source images.
+        images: (N, C, H, W) uint8 source images (all N on every rank).
         labels: (N,) class indices into ``classes``.
         classes: class names; folder names of the export.
         files: (N,) source paths relative to the split folder (``<class>/<name>.<ext>``);
-            outputs keep the relative path with a ``.png`` suffix.
+            outputs keep the relative path with a ``.png`` suffix, which must be unique.
         kind: ``"clean"``, ``"protected"`` or ``"recovered"``.
         transform: batch function on float images in [0, 1] (protector forward or inverse);
             its output is rounded to 8 bits. None copies the pixels.
         split: split folder name inside ``out_dir``.
-        batch_size: images per transform batch.
-        device: device of the transform.
+        batch_size: images per transform batch (and per shard unit under distribution).
+        device: device of the transform (this rank's device under distribution).
         extra: more manifest fields (protector fingerprint, config...).
+        rank: this process's rank; default the process group's (0 without one).
+        world_size: number of writing processes; default the process group's size (1
+            without one). ``world_size=1`` writes everything from this process alone, e.g.
+            from rank 0 only.
 
     Returns:
-        The manifest dict (also written to ``<out_dir>/manifest.json``, last).
+        The manifest dict (also written to ``<out_dir>/manifest.json``, last), the same on
+        every rank.
+
+    Raises:
+        ValueError: two source files map to one output path, the ranks' inputs differ, or
+            ``rank`` / ``world_size`` disagree with the process group.
+        RuntimeError: writing failed on some rank (raised on every rank).
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
-    entries: dict[str, dict[str, Any]] = {}
+    rank, world = _shard(rank, world_size)
+    fingerprint = tensor_fingerprint(images, labels)
+    if world > 1:
+        plan = hashlib.sha256(
+            json.dumps(
+                [fingerprint, list(files), list(classes), kind, split, batch_size, extra],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        plans: list[Any] = [None] * world
+        dist.all_gather_object(plans, plan)
+        if len(set(plans)) > 1:
+            raise ValueError(
+                f"{out_dir}: the ranks were given different images, paths or metadata to "
+                f"export (input digests {[p[:12] for p in plans]})"
+            )
+    rels = _output_paths(files, split)
 
-    def save(i: int, image: torch.Tensor) -> tuple[str, dict[str, Any]]:
-        rel = str(Path(split) / Path(files[i]).with_suffix(".png"))
+    def save(i: int, image: torch.Tensor) -> tuple[int, str, dict[str, Any]]:
         data = png_bytes(image)
-        write_atomic(out_dir / rel, data)
-        return rel, {
-            "sha256": sha256_bytes(data),
-            "source": files[i],
-            "label": classes[int(labels[i])],
-        }
+        # mkstemp names are unique across processes: ranks never share a temporary file.
+        write_atomic(out_dir / rels[i], data)
+        return (
+            i,
+            rels[i],
+            {
+                "sha256": sha256_bytes(data),
+                "source": files[i],
+                "label": classes[int(labels[i])],
+            },
+        )
 
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        for start in range(0, len(images), batch_size):
-            batch = _apply(transform, images[start : start + batch_size], device)
-            jobs = [(start + j, batch[j]) for j in range(len(batch))]
-            for rel, entry in pool.map(lambda job: save(*job), jobs):
-                entries[rel] = entry
+    records: list[tuple[int, str, dict[str, Any]]] = []
+    failure: BaseException | None = None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            starts = range(0, len(images), batch_size)
+            for start in list(starts)[rank::world]:
+                batch = _apply(transform, images[start : start + batch_size], device)
+                jobs = [(start + j, batch[j]) for j in range(len(batch))]
+                records += pool.map(lambda job: save(*job), jobs)
+    except Exception as e:
+        if world == 1:
+            raise
+        failure = e
+    if world > 1:
+        # Gathering is also the barrier: every rank's files are in place once it returns.
+        shards: list[Any] = [None] * world
+        dist.all_gather_object(
+            shards, (records, None if failure is None else f"{type(failure).__name__}: {failure}")
+        )
+        errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(shards) if err]
+        if errors:
+            raise RuntimeError(f"{out_dir}: export failed; " + "; ".join(errors)) from failure
+        records = sorted((rec for recs, _ in shards for rec in recs), key=lambda rec: rec[0])
+    entries = {rel: entry for _, rel, entry in records}
     manifest = {
         "kind": kind,
         "tool_version": raeg_pl.__version__,
         "num_images": len(entries),
         "classes": list(classes),
-        "source_fingerprint": tensor_fingerprint(images, labels),
+        "source_fingerprint": fingerprint,
         **(extra or {}),
         "files": entries,
     }
-    write_atomic_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    if world == 1:
+        write_atomic_text(out_dir / MANIFEST, text)
+        return manifest
+    status: list[str | None] = [None]
+    if rank == 0:
+        try:
+            write_atomic_text(out_dir / MANIFEST, text)
+        except Exception as e:
+            failure, status[0] = e, f"{type(e).__name__}: {e}"
+    # Also the final barrier: no rank returns (and, say, reads the export back) before the
+    # manifest exists, and a failure to write it is raised on every rank.
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise RuntimeError(f"{out_dir}: writing the manifest failed: {status[0]}") from failure
     return manifest
 
 

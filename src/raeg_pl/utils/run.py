@@ -79,8 +79,18 @@ def write_results(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = Path(run_dir) / "results.json"
-    write_atomic_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
+    if _rank() == 0:  # under DDP every rank computes the same record; one writes it
+        write_atomic_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
     return path
+
+
+def _rank() -> int:
+    """This process's global rank (0 without a process group or a launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
 
 
 def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
