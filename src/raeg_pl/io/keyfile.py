@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from raeg_pl.models.encdec import EncoderDecoderProtector, protector_from_config
 from raeg_pl.models.protector import InvertibleProtector
 from raeg_pl.utils.files import write_atomic
 
@@ -123,7 +124,29 @@ def load_key(path: str | os.PathLike) -> InvertibleProtector:
     return net
 
 
-def _protector_from_checkpoint_blob(blob: dict[str, Any], path: Path) -> InvertibleProtector:
+def _rebuild_any_generator(
+    config: Any, state_dict: Any, path: Path
+) -> InvertibleProtector | EncoderDecoderProtector:
+    """Like :func:`_rebuild`, for whichever generator the config names (missing: invertible)."""
+    if not isinstance(config, dict) or not isinstance(state_dict, dict):
+        raise KeyFileError(f"{path}: config or state_dict missing or malformed")
+    try:
+        net = protector_from_config(config)
+        net.load_state_dict(state_dict, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise KeyFileError(f"{path}: the stored weights do not fit the stored config ({e})") from e
+    return net.eval()
+
+
+def _protector_from_checkpoint_blob(
+    blob: dict[str, Any], path: Path, any_generator: bool = False
+) -> InvertibleProtector | EncoderDecoderProtector:
+    """The checkpoint's protector; only an invertible one unless ``any_generator``.
+
+    Key files hold invertible protectors only (:func:`load_key` rebuilds
+    ``InvertibleProtector(**config)``), so :func:`export_key` must refuse the encoder-decoder
+    ablation baseline instead of writing a key that cannot be loaded.
+    """
     state = {
         k[len("protector.") :]: v
         for k, v in blob["state_dict"].items()
@@ -131,25 +154,42 @@ def _protector_from_checkpoint_blob(blob: dict[str, Any], path: Path) -> Inverti
     }
     if not state:
         raise KeyFileError(f"{path}: checkpoint has no 'protector.*' weights")
-    net = _rebuild(blob["protector_config"], state, path)
+    config = blob["protector_config"]
+    if any_generator:
+        net = _rebuild_any_generator(config, state, path)
+    else:
+        generator = config.get("generator", "invertible") if isinstance(config, dict) else None
+        if generator not in (None, "invertible"):
+            raise KeyFileError(
+                f"{path}: the checkpoint's protector is the {generator!r} generator; key files "
+                "hold invertible protectors only (load it with load_protector_checkpoint)"
+            )
+        net = _rebuild(config, state, path)
     stored = blob.get("protector_fingerprint")
     if stored is not None and stored != net.fingerprint():
         raise KeyFileError(f"{path}: checkpoint's protector_fingerprint does not match its weights")
     return net
 
 
-def load_protector_checkpoint(path: str | os.PathLike) -> InvertibleProtector:
+def load_protector_checkpoint(
+    path: str | os.PathLike,
+) -> InvertibleProtector | EncoderDecoderProtector:
     """The protector (eval mode, CPU) of a ProtectorLitModule Lightning checkpoint.
 
+    The checkpoint's ``protector_config`` names the network: an
+    :class:`InvertibleProtector` when it has no ``"generator"`` entry (every checkpoint
+    written before the encoder-decoder baseline existed) or ``"generator": "invertible"``,
+    an :class:`EncoderDecoderProtector` for ``"generator": "encdec"``.
+
     Raises:
-        KeyFileError: the file is not a protector checkpoint, or its stored fingerprint does
-            not match its weights.
+        KeyFileError: the file is not a protector checkpoint, names an unknown generator, or
+            its stored fingerprint does not match its weights.
     """
     path = Path(path)
     blob = _torch_load(path, weights_only=False)
     if not (isinstance(blob, dict) and "protector_config" in blob and "state_dict" in blob):
         raise KeyFileError(f"{path}: not a protector checkpoint (no 'protector_config')")
-    return _protector_from_checkpoint_blob(blob, path)
+    return _protector_from_checkpoint_blob(blob, path, any_generator=True)
 
 
 def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
