@@ -2,12 +2,15 @@
 
 Images are decoded once into uint8 tensors (see :mod:`raeg_pl.data.cache`) and served in
 batches straight from memory; conversion to float and augmentation happen on the batch,
-on the training device, after transfer.
+on the training device, after transfer. With ``on_device=True`` the whole split is copied to
+the training device once and batches are gathered there (:class:`DeviceBatches`), with no
+DataLoader at all.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +65,7 @@ class TensorImageDataset(Dataset):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
+        self._device_copy: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,9 +78,175 @@ class TensorImageDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.images[idx], self.labels[idx]
 
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels on ``device``, copied once and reused by every later call.
+
+        Only the latest device's copy is kept, so a reloaded loader does not copy again.
+        """
+        device = torch.device(device)
+        if self._device_copy is None or self._device_copy[0] != device:
+            self._device_copy = (device, self.images.to(device), self.labels.to(device))
+        return self._device_copy[1], self._device_copy[2]
+
 
 def _collate_batch(batch):
     return batch
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Far-apart streams per seed, so runs with neighbouring seeds never share an epoch order.
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+class DeviceBatchSampler:
+    """Per-rank index batches over a seeded per-epoch permutation, generated on a device.
+
+    Each epoch's order is ``randperm(num_samples)`` from a generator seeded with
+    ``(seed, epoch)`` on the device that holds the data (identity order without shuffling):
+    identical on every rank, different from epoch to epoch, reproducible from the seed (the
+    permutation of a CUDA generator differs from a CPU one's). The order is cut into global
+    batches of ``batch_size * world_size`` indices and rank ``r`` takes the ``r``-th
+    equal slice of each, so the ranks' shards are disjoint and together form exactly the
+    batches a single process would see.
+
+    With ``drop_last`` only whole global batches are used. Without it every index is used:
+    the order is first extended by wrapping around to a multiple of ``world_size`` (at most
+    ``world_size - 1`` repeats, as ``DistributedSampler`` pads), and the last, shorter global
+    batch is split equally. Every rank thus gets the same number of batches.
+
+    Args:
+        num_samples: size of the split.
+        batch_size: per-rank batch size.
+        shuffle: a new random order every epoch; else the identity order.
+        drop_last: drop the ragged last global batch.
+        seed: seed of the per-epoch permutations.
+        rank: this process's rank in ``[0, world_size)``.
+        world_size: number of processes sharing each global batch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the next pass (Lightning calls it at every epoch start)."""
+        self.epoch = epoch
+
+    @property
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def _padded_len(self) -> int:
+        # Without drop_last the order is wrapped to a multiple of world_size.
+        return -(-self.num_samples // self.world_size) * self.world_size
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self._global_batch
+        return -(-self._padded_len // self._global_batch)
+
+    def order(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The epoch's full order of indices (num_samples,) int64 on ``device``."""
+        device = torch.device(device)
+        if not self.shuffle:
+            return torch.arange(self.num_samples, device=device)
+        g = torch.Generator(device=device)
+        g.manual_seed(_epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.num_samples, generator=g, device=device)
+
+    def batches(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """This rank's index batches for the current epoch, then advances the epoch by one.
+
+        The advance makes repeated passes without ``set_epoch`` (a plain training loop) see
+        a new order each time; Lightning's ``set_epoch`` before each pass takes precedence.
+
+        Returns:
+            ``len(self)`` index tensors (b,) int64 on ``device``, b = batch_size except
+            possibly the last one.
+        """
+        order = self.order(device)
+        self.epoch += 1
+        n_batches = len(self)
+        if n_batches == 0:
+            return []
+        if self.drop_last:
+            used = n_batches * self._global_batch
+        else:
+            used = self._padded_len
+            if used > self.num_samples:
+                wrap = torch.arange(used, device=order.device) % self.num_samples
+                order = order[wrap]
+        out = []
+        for start in range(0, used, self._global_batch):
+            size = min(self._global_batch, used - start) // self.world_size
+            first = start + self.rank * size
+            out.append(order[first : first + size])
+        return out
+
+
+class DeviceBatches:
+    """Batches of a tensor dataset gathered on the training device, with no DataLoader.
+
+    On first iteration the split's uint8 images and labels are copied to ``device`` once (see
+    :meth:`TensorImageDataset.on`); every batch is then one indexing of those tensors by the
+    sampler's on-device indices. Lightning treats it as any iterable with a length: it
+    calls ``sampler.set_epoch`` at every epoch start and runs ``on_after_batch_transfer``
+    (float conversion, augmentation) on each batch.
+
+    Yields:
+        ``(images, labels)``: images (b, C, H, W) uint8 in [0, 255], labels (b,) int64, both
+        on ``device``.
+
+    Args:
+        dataset: the split, held on the CPU.
+        sampler: which indices each batch of this rank takes.
+        device: where the data lives and the batches are made.
+    """
+
+    # Lightning inspects ``batch_sampler`` next to ``sampler`` on every loader it is given.
+    batch_sampler = None
+
+    def __init__(
+        self,
+        dataset: TensorImageDataset,
+        sampler: DeviceBatchSampler,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if sampler.num_samples != len(dataset):
+            raise ValueError(
+                f"sampler over {sampler.num_samples} items, dataset has {len(dataset)}"
+            )
+        self.dataset = dataset
+        self.sampler = sampler
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.dataset.on(self.device)
+        for idx in self.sampler.batches(self.device):
+            yield images[idx], labels[idx]
 
 
 @dataclass
@@ -194,6 +364,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             pre-processing.
         val_on_test: also evaluate the clean test split after every epoch (logged as
             ``val/test_acc``) to report final and peak accuracy curves.
+        on_device: keep every split on the training device and batch it there
+            (:class:`DeviceBatches`) instead of DataLoaders; training order is then a
+            per-epoch permutation seeded by ``seed`` (the global RNG does not enter), and
+            ``num_workers`` is unused. Prediction always uses a DataLoader.
     """
 
     def __init__(
@@ -216,6 +390,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_dir: str | None = None,
         train_defense: str | None = None,
         val_on_test: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -237,6 +412,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_dir = Path(train_dir) if train_dir else None
         self.train_defense = train_defense if train_defense not in (None, "", "none") else None
         self.val_on_test = val_on_test
+        self.on_device = on_device
         self._located: _Located | None = None
         self._classes: list[str] | None = None
         self._channels: int | None = None
@@ -373,8 +549,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return global_batch // world
 
     def _loader(
-        self, ds: Dataset, batch: int, shuffle: bool, drop_last: bool = False
-    ) -> DataLoader:
+        self, ds: TensorImageDataset, batch: int, shuffle: bool, drop_last: bool = False
+    ) -> DataLoader | DeviceBatches:
+        if self.on_device:
+            return self._device_loader(ds, batch, shuffle, drop_last)
+        return self._dataloader(ds, batch, shuffle, drop_last)
+
+    def _dataloader(self, ds: Dataset, batch: int, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=self._per_rank(batch),
@@ -385,30 +566,50 @@ class ImageClassificationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _device_loader(
+        self, ds: TensorImageDataset, batch: int, shuffle: bool, drop_last: bool
+    ) -> DeviceBatches:
+        trainer = self.trainer
+        if trainer is not None:
+            rank, world, device = (
+                trainer.global_rank,
+                trainer.world_size,
+                trainer.strategy.root_device,
+            )
+        else:
+            rank, world, device = 0, 1, torch.device("cpu")
+        sampler = DeviceBatchSampler(
+            len(ds), self._per_rank(batch), shuffle, drop_last, self.seed, rank, world
+        )
+        return DeviceBatches(ds, sampler, device)
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         # Drop the ragged last batch (BatchNorm on a handful of images is noisy) unless the
-        # whole split is smaller than one batch.
-        per_rank = self._per_rank(self.batch_size)
+        # whole split is smaller than one batch. On the device the batches are cut from the
+        # global order, hence the global batch there (the same test on one process).
+        limit = self.batch_size if self.on_device else self._per_rank(self.batch_size)
         return self._loader(
-            self.train_set, self.batch_size, shuffle=True, drop_last=len(self.train_set) > per_rank
+            self.train_set, self.batch_size, shuffle=True, drop_last=len(self.train_set) > limit
         )
 
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+    def val_dataloader(self) -> DataLoader | DeviceBatches | list[DataLoader | DeviceBatches]:
         val = self._loader(self.val_set, self.eval_batch_size, shuffle=False)
         if self.val_on_test:
             return [val, self.test_dataloader()]
         return val
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        # A DataLoader even on the device: Lightning records prediction indices only there.
+        return self._dataloader(self.test_set, self.eval_batch_size, False, False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
+        if self.augment and self.trainer is not None and self.trainer.training:
+            # Crops and flips move whole pixels, so they run on uint8 before the conversion.
+            images = random_crop_flip(images, self.crop_padding, self.hflip)
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, self.crop_padding, self.hflip)
         return images, labels
