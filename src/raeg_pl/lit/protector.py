@@ -26,7 +26,7 @@ from raeg_pl.losses import (
     untargeted_adversarial_loss,
 )
 from raeg_pl.metrics import ImageQuality, from_uint8, to_uint8
-from raeg_pl.models.protector import InvertibleProtector
+from raeg_pl.models.encdec import GENERATORS, create_protector
 
 DEFAULT_TRAIN_DEFENSES = (
     "jpeg:q=90",
@@ -58,7 +58,9 @@ def load_surrogate(path: str | Path) -> torch.nn.Module:
 
 
 class ProtectorLitModule(L.LightningModule):
-    """Trains the invertible protector (docs/raeg-method.md, sections 2 and 3).
+    """Trains the protector: the invertible one, or the encoder-decoder ablation baseline.
+
+    See docs/raeg-method.md, sections 2, 3 and 4 (item 7).
 
     Objective per batch, on images ``x`` (B, C, H, W) in [0, 1] with labels ``y``::
 
@@ -74,11 +76,18 @@ class ProtectorLitModule(L.LightningModule):
 
     Args:
         surrogate_checkpoints: ``ClassifierLitModule`` checkpoints of the surrogates.
+        generator: the protector network: ``"invertible"`` (the Haar-wavelet invertible
+            U-Net, :class:`~raeg_pl.models.protector.InvertibleProtector`) or ``"encdec"``
+            (the ablation's plain encoder U-Net plus a separately learned decoder U-Net,
+            :class:`~raeg_pl.models.encdec.EncoderDecoderProtector`, whose recovery is
+            trained by the ``l_rec`` term instead of being exact).
         in_channels: image channels.
-        levels: Haar levels of the protector.
-        blocks_per_level: coupling blocks per level and path.
-        hidden_channels: width of the coupling sub-networks.
-        clamp: soft clamp of the coupling log-scales.
+        levels: Haar levels of the protector (stride-2 downsamplings for ``"encdec"``).
+        blocks_per_level: coupling blocks per level and path (residual blocks for
+            ``"encdec"``).
+        hidden_channels: width of the coupling sub-networks (minimum U-Net width for
+            ``"encdec"``).
+        clamp: soft clamp of the coupling log-scales (``"invertible"`` only).
         lr: Adam learning rate (linear warm-up, then cosine-decayed over training).
         lr_warmup_steps: steps of the linear learning-rate warm-up. The generator starts at
             the identity, where full-size Adam steps move it in a random direction and spend
@@ -111,6 +120,7 @@ class ProtectorLitModule(L.LightningModule):
     def __init__(
         self,
         surrogate_checkpoints: list[str],
+        generator: str = "invertible",
         in_channels: int = 3,
         levels: int = 2,
         blocks_per_level: int = 2,
@@ -142,11 +152,13 @@ class ProtectorLitModule(L.LightningModule):
         super().__init__()
         if adv_mode not in ("targeted", "untargeted"):
             raise ValueError(f"adv_mode must be 'targeted' or 'untargeted', got {adv_mode!r}")
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         if not surrogate_checkpoints:
             raise ValueError("at least one surrogate checkpoint is needed")
         self.save_hyperparameters()
-        self.protector = InvertibleProtector(
-            in_channels, levels, blocks_per_level, hidden_channels, clamp
+        self.protector = create_protector(
+            generator, in_channels, levels, blocks_per_level, hidden_channels, clamp
         )
         # Kept out of the state dict: the protector checkpoint must not carry the surrogates.
         self._surrogates = [load_surrogate(p) for p in surrogate_checkpoints]
@@ -237,7 +249,8 @@ class ProtectorLitModule(L.LightningModule):
             progress = step / max(1, self.trainer.estimated_stepping_batches)
             defense = self.curriculum.sample(progress)
             per_image = self._adv_loss(surrogate(defense.differentiable(stored)), labels)
-            capped = (per_image <= -hp.kappa + 1e-6).float().mean()
+            # Decided on the global batch, so every DDP rank weights the loss alike.
+            capped = self._global_mean((per_image <= -hp.kappa + 1e-6).float().mean())
             if capped >= hp.cap_fraction:
                 w_adv = w_adv / 10
             l_adv = per_image.mean()
@@ -248,7 +261,7 @@ class ProtectorLitModule(L.LightningModule):
             )
         if not self._loss_is_sane(loss):
             return None
-        measured = float(psnr(stored.detach(), images))
+        measured = float(self._global_mean(psnr(stored.detach(), images)))
         # The controller only acts once the adversarial term is on: during the warm-up the
         # generator is near the identity and would drive l_img towards zero, letting the
         # images drift by noise that spends the distortion budget before any attack starts.
@@ -269,6 +282,12 @@ class ProtectorLitModule(L.LightningModule):
         self.log("train/psnr", measured, prog_bar=True, logger=False)
         return loss
 
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over DDP ranks (itself on one process)."""
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(value.detach().float(), reduce_op="mean")
+        return value.detach()
+
     def _loss_is_sane(self, loss: torch.Tensor) -> bool:
         """NaN/explosion guard: restore the last good weights with half the learning rate.
 
@@ -276,7 +295,10 @@ class ProtectorLitModule(L.LightningModule):
         would fire when the adversarial term first switches on after a near-zero warm-up.
         """
         value = float(loss.detach())
-        if math.isfinite(value) and abs(value) <= self.hparams.explode_threshold:
+        bad = not (math.isfinite(value) and abs(value) <= self.hparams.explode_threshold)
+        # Collective: a rank that skipped the step alone would leave the others waiting in
+        # the gradient all-reduce.
+        if not self._global_mean(torch.tensor(float(bad), device=self.device)) > 0:
             return True
         self.recoveries += 1
         if self._last_good is not None:
