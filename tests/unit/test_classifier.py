@@ -9,7 +9,18 @@ import torch
 from raeg_pl.models.classifier import CIFAR_MEAN, CIFAR_STD, Classifier, create_classifier
 
 
-@pytest.mark.parametrize("arch", ["resnet_tiny_cifar", "resnet_small_cifar", "resnet18_cifar"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet_tiny_cifar",
+        "resnet_small_cifar",
+        "resnet18_cifar",
+        "vgg_tiny_cifar",
+        "mobilenet_tiny_cifar",
+        "vit_micro_cifar",
+        "resnet_fast_tiny_cifar",
+    ],
+)
 def test_small_image_variants_are_in_timms_registry(arch):
     assert arch in timm.list_models("*cifar*")
     model = create_classifier(arch, num_classes=10).eval()
@@ -50,3 +61,18 @@ def test_local_checkpoint_round_trip(tmp_path, form):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         create_classifier("resnet_tiny_cifar", 10, checkpoint_path=tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize(
+    "arch", ["vgg_tiny_cifar", "mobilenet_tiny_cifar", "vit_micro_cifar", "resnet_fast_tiny_cifar"]
+)
+def test_pirate_checkpoints_round_trip_in_every_form(tmp_path, arch):
+    src = create_classifier(arch, num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    for name, state in (
+        ("backbone", src.backbone.state_dict()),
+        ("lightning", {"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}),
+    ):
+        torch.save(state, tmp_path / f"{name}.pt")
+        dst = create_classifier(arch, 10, checkpoint_path=tmp_path / f"{name}.pt").eval()
+        assert torch.equal(src(x), dst(x)), name

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -23,6 +26,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int, final_scale: float = 0.0)
         return final_scale + (1 - final_scale) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+@contextmanager
+def batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Restores every BatchNorm running statistic of ``module`` on exit.
+
+    Forward passes inside still normalise with batch statistics in training mode; only
+    the running averages (and their counters) they update are put back afterwards.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(norms, saved):
+                for b, kept in zip(m.buffers(recurse=False), bufs):
+                    b.copy_(kept)
 
 
 class ClassifierLitModule(L.LightningModule):
@@ -42,6 +63,21 @@ class ClassifierLitModule(L.LightningModule):
         channels_last: run the network in channels-last memory format.
         checkpoint_path: optional local weights to start from.
         timm_kwargs: extra ``timm.create_model`` arguments.
+        adv_train_eps: L-inf radius of PGD adversarial training in 8-bit levels (x/255);
+            0 trains on the batches as given. With a radius, every training batch is
+            replaced by PGD examples against the current network (Madry et al., "Towards
+            deep learning models resistant to adversarial attacks", ICLR 2018): the
+            pirate's adversarial-training defence.
+        adv_train_steps: PGD steps per batch.
+        adv_train_step_size: PGD step in 8-bit levels; default ``2.5 * eps / steps``, so
+            the iterate can cross the whole eps-ball from its random start.
+        compile: run the network through ``torch.compile``; meant for GPU runs (the CPU
+            profiles leave it off). Only a reference is compiled: ``self.model`` and the
+            checkpoint keys stay as without it.
+        compile_backend: ``torch.compile`` backend (``"eager"`` traces without code
+            generation, e.g. to check a model compiles).
+        tta_flip: evaluate (validation, test, predict) on the mean of the logits of each
+            image and its horizontal mirror.
     """
 
     def __init__(
@@ -59,12 +95,23 @@ class ClassifierLitModule(L.LightningModule):
         channels_last: bool = True,
         checkpoint_path: str | None = None,
         timm_kwargs: dict | None = None,
+        adv_train_eps: float = 0.0,
+        adv_train_steps: int = 5,
+        adv_train_step_size: float | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if scheduler not in ("cosine", "onecycle", "none"):
             raise ValueError(f"scheduler must be 'cosine', 'onecycle' or 'none', got {scheduler!r}")
+        if adv_train_eps < 0 or adv_train_steps < 1:
+            raise ValueError(
+                f"adversarial training needs eps >= 0 and steps >= 1, got "
+                f"eps={adv_train_eps}, steps={adv_train_steps}"
+            )
         self.save_hyperparameters()
         self.model = create_classifier(
             arch,
@@ -79,25 +126,112 @@ class ClassifierLitModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def network(self) -> nn.Module:
+        """The module forward passes run: ``self.model``, or its compiled reference.
+
+        The compiled wrapper shares ``self.model``'s parameters and is kept out of the
+        module tree (``__dict__``, not a submodule), so ``state_dict`` keys, checkpoints
+        and ``.to()`` are the same with and without ``compile``. It is rebuilt if
+        ``self.model`` is replaced.
+        """
+        if not self.hparams.compile:
+            return self.model
+        compiled = self.__dict__.get("_compiled_model")
+        if compiled is None or compiled._orig_mod is not self.model:
+            compiled = torch.compile(self.model, backend=self.hparams.compile_backend)
+            self.__dict__["_compiled_model"] = compiled
+        return compiled
+
+    def __getstate__(self) -> dict:
+        # A compiled wrapper does not pickle (spawned processes); it is rebuilt on demand.
+        state = super().__getstate__()
+        state.pop("_compiled_model", None)
+        return state
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, classes) for images (B, C, H, W) float in [0, 1]."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+        return self.network()(images)
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits (B, classes) for images (B, C, H, W) float in [0, 1].
+
+        With ``tta_flip`` the mean of the logits of each image and of its horizontal
+        mirror (one forward pass over both), so mirrored inputs give the same logits.
+        """
+        if not self.hparams.tta_flip:
+            return self(images)
+        logits, mirrored = self(torch.cat([images, images.flip(-1)])).chunk(2)
+        return (logits + mirrored) / 2
+
+    def adversarial_examples(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L-inf PGD examples against the current network (Madry et al., ICLR 2018).
+
+        A uniform random start in the eps-ball, then ``adv_train_steps`` signed-gradient
+        ascent steps on the cross-entropy, each projected back onto the eps-ball around
+        ``images`` and onto [0, 1].
+
+        The network stays in its current mode. In training, BatchNorm normalises with the
+        batch statistics, so the attack targets exactly the function the training step
+        then optimises (eval mode would attack running averages that lag behind early in
+        training); the running statistics the attack passes update are restored
+        (:func:`batchnorm_stats_kept`), so only the training forward moves them. Dropout,
+        where present, draws fresh masks per pass. Under bf16 autocast the network runs in
+        bf16, the loss is taken in float32 and the iterate stays float32; only the sign of
+        its gradient is used. Parameter gradients are never accumulated.
+
+        Args:
+            images: (B, C, H, W) float in [0, 1].
+            labels: (B,) int64 true labels.
+
+        Returns:
+            (B, C, H, W) float in [0, 1], within ``adv_train_eps / 255`` of ``images``
+            (L-inf), detached.
+        """
+        hp = self.hparams
+        eps = hp.adv_train_eps / 255
+        step_levels = hp.adv_train_step_size
+        if step_levels is None:
+            step_levels = 2.5 * hp.adv_train_eps / hp.adv_train_steps
+        step = step_levels / 255
+        clean = images.detach()
+        lower, upper = (clean - eps).clamp(min=0), (clean + eps).clamp(max=1)
+        x = torch.empty_like(clean).uniform_(-eps, eps).add_(clean)
+        x = torch.max(torch.min(x, upper), lower)
+        with torch.enable_grad(), batchnorm_stats_kept(self.model):
+            for _ in range(hp.adv_train_steps):
+                x.requires_grad_(True)
+                loss = F.cross_entropy(self(x).float(), labels)
+                (grad,) = torch.autograd.grad(loss, x)
+                x = torch.max(torch.min(x.detach() + step * grad.sign(), upper), lower)
+        return x.detach()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        adversarial = self.hparams.adv_train_eps > 0
+        if adversarial:
+            # train/acc stays the clean-batch accuracy, comparable with plain training;
+            # train/adv_acc is the accuracy on the PGD batch the step trains on.
+            with torch.no_grad(), batchnorm_stats_kept(self.model):
+                self.train_acc(self(images), labels)
+            images = self.adversarial_examples(images, labels)
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits.detach(), labels)
+        if adversarial:
+            self.train_adv_acc(logits.detach(), labels)
+            self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
+        else:
+            self.train_acc(logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _eval_step(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self.eval_logits(images)
         metric(logits, labels)
         self.log(
             f"{stage}/loss",
@@ -113,7 +247,7 @@ class ClassifierLitModule(L.LightningModule):
             return
         # A second validation loader is the clean test split (peak-accuracy curves).
         images, labels = batch
-        self.val_test_acc(self(images), labels)
+        self.val_test_acc(self.eval_logits(images), labels)
         self.log("val/test_acc", self.val_test_acc, add_dataloader_idx=False)
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -121,7 +255,7 @@ class ClassifierLitModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(dim=1)
+        return self.eval_logits(images).argmax(dim=1)
 
     def configure_optimizers(self):
         hp = self.hparams
