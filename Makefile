@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 # wheelhouse when one is configured, else from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXP ?= experiments/protect/quick.yaml
+PROFILE ?= quick
+TABLES ?= main robustness fidelity inference
 OUT ?=
 PYTEST_ARGS ?=
 
@@ -33,6 +35,15 @@ install: $(BIN)/raeg ## create .venv and install the package (editable) with its
 train: install ## run the default protection experiment end to end (EXP=<config> OUT=<run dir>)
 	$(BIN)/raeg pipeline --config $(EXP) $(if $(OUT),--run_dir $(OUT),)
 
+tables: install ## run the grids of TABLES (PROFILE=quick here, PROFILE=paper on GPUs) and build the tables
+	@for t in $(TABLES); do \
+	  echo "== $$t ($(PROFILE))"; \
+	  $(BIN)/raeg grid --config experiments/$$t/$(PROFILE).yaml || exit 1; \
+	done
+	$(BIN)/raeg table --runs runs/tables/$(PROFILE) --out runs/tables/$(PROFILE)/tables
+	$(if $(filter ablation,$(TABLES)),$(BIN)/raeg table --runs runs/tables/$(PROFILE)_ablation \
+	  --out runs/tables/$(PROFILE)_ablation/tables --tables robustness fidelity,)
+
 surrogate: install ## train one classifier with LightningCLI (EXP=experiments/surrogate/quick.yaml)
 	$(BIN)/raeg fit --config $(if $(filter experiments/protect/%,$(EXP)),experiments/surrogate/quick.yaml,$(EXP)) $(if $(OUT),--run_dir $(OUT),)
 
@@ -47,7 +58,15 @@ bench: install ## benchmarks: throughput ratios against baselines measured in th
 	$(BIN)/python benchmarks/bench_data_pipeline.py
 	$(BIN)/python benchmarks/bench_protector.py
 
+sweep: install ## create a wandb sweep from experiments/sweeps/<S>.yaml (S=protector_weights, psnr_target, ...)
+	@test -n "$(S)" || { echo "usage: make sweep S=<name>; sweeps: $(notdir $(basename $(wildcard experiments/sweeps/*.yaml)))"; exit 2; }
+	$(BIN)/wandb sweep experiments/sweeps/$(S).yaml
+
+agent: install ## run a wandb sweep agent here (ID=<entity/project/sweep id>; each run is one raeg pipeline)
+	@test -n "$(ID)" || { echo "usage: make agent ID=<entity/project/sweep id>  (printed by make sweep)"; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/wandb agent $(ID)
+
 clean: ## remove run outputs (keeps .venv and the data cache)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install train surrogate test lint bench clean
+.PHONY: help install train tables surrogate test lint bench sweep agent clean

@@ -84,6 +84,8 @@ Classifier training (LightningCLI; `raeg <command> --help` lists every option):
 Protection experiments:
   pipeline   surrogate -> protector -> export -> pirates / authorised / clean baseline:
              raeg pipeline --config experiments/protect/quick.yaml [key.path=value ...]
+  grid       one table's runs: methods x pirate architectures x defences x seeds:
+             raeg grid --config experiments/main_table/quick.yaml [--rows R ..] [--archs A ..]
 
 Protecting real image folders (`raeg <command> --help` lists every option):
   export-key write a standalone key file:  raeg export-key --checkpoint C.ckpt --out K
@@ -107,6 +109,14 @@ def main(args: list[str] | None = None) -> int:
         from raeg_pl.pipeline import main as pipeline_main
 
         return pipeline_main(argv[1:])
+    if argv[0] == "grid":
+        from raeg_pl.grid import main as grid_main
+
+        return grid_main(argv[1:])
+    if argv[0] == "table":
+        from raeg_pl.tables import main as table_main
+
+        return table_main(argv[1:])
     if argv[0] in ("export-key", "protect", "restore", "verify"):
         from raeg_pl.io.commands import main as io_main
 

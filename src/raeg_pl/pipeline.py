@@ -33,7 +33,14 @@ import yaml
 from raeg_pl.data.datamodule import ImageClassificationDataModule
 from raeg_pl.utils.files import write_atomic_text
 from raeg_pl.utils.run import to_float_dict, write_results
-from raeg_pl.utils.trainer import run_callbacks, run_loggers
+from raeg_pl.utils.trainer import (
+    end_wandb_run,
+    flatten_config,
+    log_final_metrics,
+    run_callbacks,
+    run_loggers,
+    wandb_settings,
+)
 
 STAGE_RESULTS = "results.json"
 
@@ -51,7 +58,9 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_pipeline_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+def load_pipeline_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, keys: tuple[str, ...] | None = None
+) -> dict:
     """A pipeline config with its ``defaults:`` chain merged, then ``a.b.c=value`` overrides."""
     from raeg_pl.cli import _load_with_defaults
 
@@ -67,14 +76,27 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] | None = 
         for p in parts[:-1]:
             node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         last = parts[-1]
+        parsed = _parse_override(value)
         if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(value)
+            node[int(last)] = parsed
         else:
-            node[last] = yaml.safe_load(value)
-    unknown = set(cfg) - set(PIPELINE_KEYS)
+            node[last] = parsed
+    keys = keys or PIPELINE_KEYS
+    unknown = set(cfg) - set(keys)
     if unknown:
-        raise ValueError(f"{path}: unknown pipeline keys {sorted(unknown)}; valid: {PIPELINE_KEYS}")
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; valid: {keys}")
     return cfg
+
+
+def _parse_override(value: str) -> Any:
+    """A YAML value; numbers YAML 1.1 reads as text (``5e-05``, as sweep agents write) too."""
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
 
 
 PIPELINE_KEYS = (
@@ -157,6 +179,8 @@ def train_classifier(
     fit_metrics = to_float_dict(trainer.callback_metrics)
     trainer.test(model, datamodule=dm, verbose=False)
     test_metrics = to_float_dict(trainer.callback_metrics)
+    log_final_metrics(trainer.loggers, {"test_acc": test_metrics["test/acc"]})
+    end_wandb_run(trainer.loggers)
     curve = [row["val/test_acc"] for row in history.history if "val/test_acc" in row]
     results = {
         "test_acc": test_metrics["test/acc"],
@@ -199,6 +223,17 @@ class Pipeline:
         print(line, flush=True)
         self.log.append(line)
 
+    def stage_wandb(self, stage: str, seed: int | None = None) -> dict | None:
+        """wandb settings of one stage: grouped by run directory, named by stage and seed."""
+        return wandb_settings(
+            self.wandb,
+            table=self.run_dir.name,
+            row=self.run_dir.name,
+            seed=seed,
+            stage=stage,
+            profile=self.cfg.get("profile"),
+        )
+
     def _stage(self, name: str, fn) -> dict:
         stage_dir = self.run_dir / name
         if _stage_done(stage_dir):
@@ -219,6 +254,7 @@ class Pipeline:
         seed: int,
         data: dict | None = None,
         extra: dict | None = None,
+        wandb: dict | None = None,
     ) -> dict:
         """One classifier stage from a ``{model, max_epochs, data?, trainer?}`` spec."""
         data_cfg = deep_merge(deep_merge(self.data_cfg, spec.get("data") or {}), data or {})
@@ -230,7 +266,7 @@ class Pipeline:
             trainer_cfg,
             int(spec["max_epochs"]),
             seed,
-            self.wandb,
+            wandb if wandb is not None else self.stage_wandb(stage_dir.name, seed),
             extra=extra,
         )
 
@@ -248,10 +284,12 @@ class Pipeline:
         return paths
 
     # 2. protector
-    def protector(self, surrogate_ckpts: list[Path]) -> Path:
+    def protector(
+        self, surrogate_ckpts: list[Path], name: str = "protector", spec: dict | None = None
+    ) -> Path:
         from raeg_pl.lit.protector import ProtectorLitModule
 
-        spec = self.cfg["protector"]
+        spec = spec or self.cfg["protector"]
 
         def run(stage_dir):
             L.seed_everything(self.seed, workers=True)
@@ -266,7 +304,7 @@ class Pipeline:
                 stage_dir,
                 deep_merge(self.trainer_cfg, spec.get("trainer") or {}),
                 int(spec["max_epochs"]),
-                self.wandb,
+                self.stage_wandb(name, self.seed),
                 monitor=None,
                 gradient_clip_val=spec.get("gradient_clip_val", 1.0),
             )
@@ -274,6 +312,7 @@ class Pipeline:
             trainer.fit(model, datamodule=dm, ckpt_path=_resume_ckpt(stage_dir))
             fit_s = time.perf_counter() - t0
             metrics = to_float_dict(trainer.callback_metrics)
+            end_wandb_run(trainer.loggers)
             results = {
                 "metrics": metrics,
                 "history": history.history,
@@ -287,8 +326,8 @@ class Pipeline:
             write_results(stage_dir, results, json.dumps(spec, sort_keys=True))
             return results
 
-        self._stage("protector", run)
-        return self.run_dir / "protector" / "checkpoints" / "last.ckpt"
+        self._stage(name, run)
+        return self.run_dir / name / "checkpoints" / "last.ckpt"
 
     # 3. export + measurements from the stored files
     def export(self, protector_ckpt: Path, surrogate_ckpts: list[Path]) -> dict:
@@ -340,13 +379,37 @@ class Pipeline:
         sur = self.surrogates()
         prot = self.protector(sur)
         exp = self.export(prot, sur)
+        if not _single_process_from_here():
+            return {}
         clfs = self.classifiers()
         results = summarise(self.cfg, self.run_dir, exp, clfs)
         results["pipeline_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
         write_results(self.run_dir, results, yaml.safe_dump(self.cfg, sort_keys=True))
         write_report(self.run_dir, results)
+        summary = self.stage_wandb("summary", self.seed)
+        if summary:
+            loggers = run_loggers(self.run_dir, summary, config=flatten_config(self.cfg))
+            log_final_metrics(loggers, results)
+            end_wandb_run(loggers)
         self._say(f"results: {self.run_dir / 'results.json'}, report: {self.run_dir / 'report.md'}")
         return results
+
+
+def _single_process_from_here() -> bool:
+    """Ends DDP after the stages that use it; False on the extra ranks, which then stop.
+
+    With a DDP protector preset, Lightning starts the extra ranks by running the same
+    command again; they join the protector fit and the sharded export, and the classifier
+    stages that follow run once, on rank 0.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 class StageLimitReached(Exception):
@@ -369,98 +432,163 @@ def export_stage(
     eval_defenses: list[str],
     run_dir: Path,
 ) -> dict:
-    """Writes clean / protected / recovered PNG folders and measures them from the files."""
-    from raeg_pl.defenses import get_defense
-    from raeg_pl.io.keyfile import load_protector_checkpoint
-    from raeg_pl.io.protected import load_export, write_image_folder
+    """Exports the RAEG-protected training split and measures it (see method_export_stage)."""
     from raeg_pl.lit.protector import load_surrogate
-    from raeg_pl.metrics import ImageQuality, from_uint8, to_uint8
+    from raeg_pl.methods.raeg import RAEGMethod
 
     dm = ImageClassificationDataModule(**data_cfg)
     dm.setup()
-    net = load_protector_checkpoint(protector_ckpt)
-    fingerprint = net.fingerprint()
+    method = RAEGMethod(protector_ckpt)
+    results = method_export_stage(
+        stage_dir, method, dm, eval_defenses, load_surrogate(surrogate_ckpt), data_cfg=data_cfg
+    )
+    results["protector_fingerprint"] = method.net.fingerprint()
+    write_results(stage_dir, results, json.dumps(data_cfg, sort_keys=True))
+    return results
+
+
+def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images (N, C, H, W), in batches of 500."""
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(images), 500):
+            logits = model(images[i : i + 500].float() / 255)
+            correct += int((logits.argmax(1) == labels[i : i + 500]).sum())
+    return correct / max(1, len(images))
+
+
+def method_export_stage(
+    stage_dir: Path,
+    method,
+    dm: ImageClassificationDataModule,
+    eval_defenses: list[str],
+    surrogate: torch.nn.Module,
+    heldout: dict[str, torch.nn.Module] | None = None,
+    data_cfg: dict | None = None,
+    extra: dict | None = None,
+    inference_per_class: int | None = None,
+) -> dict:
+    """Writes clean / protected (/ recovered) PNG folders of one method and measures them.
+
+    Every figure comes from the stored 8-bit files: fidelity of the protected images,
+    reversibility of the images an authorised user restores from them (reversible methods
+    only), the surrogate's accuracy on the published training images, and inference-time
+    protection: accuracy of the surrogate and of held-out clean-trained classifiers on
+    protected held-out test images after each real defence.
+
+    Args:
+        stage_dir: the stage folder (gets ``clean/``, ``protected/``, ``recovered/``).
+        method: a :class:`raeg_pl.methods.ProtectionMethod`.
+        dm: the owner's data (set up); its training split is protected, its test split is
+            used for inference-time protection.
+        eval_defenses: real defence specs for the inference-time figures.
+        surrogate: frozen classifier (logits from [0, 1] images).
+        heldout: more frozen classifiers, by name, trained on clean data.
+        data_cfg: recorded in the manifests.
+        extra: more result fields.
+        inference_per_class: per-class subset of the test split for the inference-time
+            figures (None: all of it); attacks on every test image dominate a CPU budget.
+    """
+    from raeg_pl.io.protected import load_export, tensor_fingerprint, write_image_folder
+    from raeg_pl.metrics import ImageQuality
+
     images, labels = dm.train_set.images, dm.train_set.labels
     files, classes = dm.train_files, dm.classes
     common = {"classes": classes, "files": files, "labels": labels}
-    extra = {"protector_fingerprint": fingerprint, "protector_config": net.config, "data": data_cfg}
+    meta = {
+        "method": method.config(),
+        "source_fingerprint": tensor_fingerprint(images, labels),
+        "data": data_cfg,
+    }
+    write_image_folder(stage_dir / "clean", images, kind="clean", **common, extra=meta)
     t0 = time.perf_counter()
-    write_image_folder(stage_dir / "clean", images, kind="clean", **common, extra=extra)
-    write_image_folder(
-        stage_dir / "protected", images, kind="protected", transform=net, **common, extra=extra
-    )
-    export_s = time.perf_counter() - t0
-    # Restore from the stored PNG files, as an authorised user would.
+    method.fit(images, labels)
+    protected = method.protect(images, labels)
+    protect_s = time.perf_counter() - t0
+    write_image_folder(stage_dir / "protected", protected, kind="protected", **common, extra=meta)
+    meta["method"] = method.config()  # fitting may have recorded more (rounds run...)
+    # Everything below reads the stored files back, as a pirate or an authorised user would.
     p_images, p_labels, _, rels, _ = load_export(stage_dir / "protected")
-    src_files = [Path(r).relative_to("train").as_posix() for r in rels]
-    write_image_folder(
-        stage_dir / "recovered",
-        p_images,
-        p_labels,
-        classes,
-        src_files,
-        kind="recovered",
-        transform=net.inverse,
-        extra=extra,
-    )
-    r_images, _, _, _, _ = load_export(stage_dir / "recovered")
     c_images, _, _, _, _ = load_export(stage_dir / "clean")
     q_prot, q_rec = ImageQuality(), ImageQuality()
+    r_images = None
+    if method.reversible:
+        src_files = [Path(r).relative_to("train").as_posix() for r in rels]
+        write_image_folder(
+            stage_dir / "recovered",
+            method.recover(p_images),
+            p_labels,
+            classes,
+            src_files,
+            kind="recovered",
+            extra=meta,
+        )
+        r_images = load_export(stage_dir / "recovered")[0]
     for i in range(0, len(c_images), 1024):
         q_prot.update(p_images[i : i + 1024], c_images[i : i + 1024])
-        q_rec.update(r_images[i : i + 1024], c_images[i : i + 1024])
-    qp, qr = q_prot.compute(), q_rec.compute()
+        if r_images is not None:
+            q_rec.update(r_images[i : i + 1024], c_images[i : i + 1024])
+    qp = q_prot.compute()
+    qr = q_rec.compute() if r_images is not None else None
+
     # Inference-time protection on held-out clean test images, after 8-bit storage.
-    surrogate = load_surrogate(surrogate_ckpt)
-    acc: dict[str, float] = {}
-    correct_clean = 0
-    correct = {d: 0 for d in eval_defenses}
-    with torch.no_grad():
-        for i in range(0, len(dm.test_set), 500):
-            x = dm.test_set.images[i : i + 500].float() / 255
-            y = dm.test_set.labels[i : i + 500]
-            correct_clean += int((surrogate(x).argmax(1) == y).sum())
-            stored = from_uint8(to_uint8(net(x)))
-            for d in eval_defenses:
-                correct[d] += int((surrogate(get_defense(d).real(stored)).argmax(1) == y).sum())
+    test_x, test_y = dm.test_set.images, dm.test_set.labels
+    if inference_per_class is not None:
+        from raeg_pl.data.datamodule import per_class_subset
 
-        # The published images themselves (what a pirate downloads), as stored.
-        def hits(imgs: torch.Tensor) -> int:
-            return sum(
-                int(
-                    (
-                        surrogate(imgs[i : i + 500].float() / 255).argmax(1)
-                        == p_labels[i : i + 500]
-                    ).sum()
-                )
-                for i in range(0, len(imgs), 500)
-            )
+        idx = per_class_subset(
+            test_y, torch.arange(len(test_y)), inference_per_class, dm.num_classes, dm.seed
+        )
+        test_x, test_y = test_x[idx], test_y[idx]
+    classifiers = {"surrogate": surrogate, **(heldout or {})}
+    clean_acc = {k: _accuracy(m, test_x, test_y) for k, m in classifiers.items()}
+    by_defense: dict[str, dict[str, float]] = {k: {} for k in classifiers}
+    if method.protects_unseen:
+        stored = method.protect(test_x, test_y)
+        for spec in eval_defenses:
+            defended = stored if spec in ("none", "identity") else _real_defense(spec, stored)
+            for k, m in classifiers.items():
+                by_defense[k][spec] = _accuracy(m, defended, test_y)
 
-        correct_train, correct_clean_train = hits(p_images), hits(c_images)
-    n = len(dm.test_set)
-    for d in eval_defenses:
-        acc[d] = correct[d] / n
+    def opt(q, key):
+        return None if q is None else float(q[key])
+
     results = {
+        "reversible": bool(method.reversible),
+        "method": meta["method"],
         "psnr_protected": float(qp["psnr"]),
         "ssim_protected": float(qp["ssim"]),
         "linf_protected": float(qp["linf"]),
         "l2_protected": float(qp["l2"]),
-        "psnr_recovered": float(qr["psnr"]),
-        "ssim_recovered": float(qr["ssim"]),
-        "exact_pixel_rate_recovered": float(qr["exact_pixel_rate"]),
-        "surrogate_acc_clean": correct_clean / n,
-        "surrogate_acc_protected": acc.get("none", acc.get("identity")),
-        "surrogate_acc_protected_by_defense": acc,
-        "surrogate_acc_protected_train": correct_train / len(p_images),
-        "surrogate_acc_clean_train": correct_clean_train / len(c_images),
+        "psnr_recovered": opt(qr, "psnr"),
+        "ssim_recovered": opt(qr, "ssim"),
+        "exact_pixel_rate_recovered": opt(qr, "exact_pixel_rate"),
+        "surrogate_acc_clean": clean_acc["surrogate"],
+        "surrogate_acc_protected": by_defense["surrogate"].get("none"),
+        "surrogate_acc_protected_by_defense": by_defense["surrogate"],
+        "heldout_acc_clean": {k: v for k, v in clean_acc.items() if k != "surrogate"},
+        "heldout_acc_protected_by_defense": {
+            k: v for k, v in by_defense.items() if k != "surrogate"
+        },
+        # The published images themselves (what a pirate downloads), as stored.
+        "surrogate_acc_protected_train": _accuracy(surrogate, p_images, p_labels),
+        "surrogate_acc_clean_train": _accuracy(surrogate, c_images, p_labels),
         "exported_images": len(images),
-        "test_images": n,
-        "export_seconds": round(export_s, 1),
-        "export_img_per_s": round(2 * len(images) / max(export_s, 1e-9), 1),
-        "protector_fingerprint": fingerprint,
+        "test_images": len(dm.test_set),
+        "inference_test_images": len(test_x),
+        "protect_seconds": round(protect_s, 1),
+        "protect_img_per_s": round(len(images) / max(protect_s, 1e-9), 1),
+        **(extra or {}),
     }
-    write_results(stage_dir, results, json.dumps(data_cfg, sort_keys=True))
+    write_results(stage_dir, results, json.dumps([meta["method"], data_cfg], sort_keys=True))
     return results
+
+
+def _real_defense(spec: str, images: torch.Tensor) -> torch.Tensor:
+    """A real defence applied to uint8 images, returning uint8 (stored again in 8 bits)."""
+    from raeg_pl.data.datamodule import apply_defense_uint8
+
+    return apply_defense_uint8(images, spec)
 
 
 def summarise(cfg: dict, run_dir: Path, exp: dict, clfs: dict[str, dict]) -> dict:

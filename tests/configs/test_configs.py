@@ -5,18 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from raeg_pl.cli import lightning_main
+from raeg_pl.cli import _load_with_defaults, lightning_main
+from raeg_pl.pipeline import deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def is_pipeline_config(path: Path) -> bool:
+    """Pipeline and grid configs (``raeg pipeline`` / ``raeg grid``), not LightningCLI ones."""
+    cfg: dict = {}
+    for text in _load_with_defaults(path):
+        cfg = deep_merge(cfg, yaml.safe_load(text) or {})
+    return "surrogates" in cfg or "protector" in cfg
+
+
 EXPERIMENTS = sorted(
     p
     for p in (REPO / "experiments").rglob("*.yaml")
-    if "_base" not in p.parts and "sweeps" not in p.parts and "protect" not in p.parts
+    if "_base" not in p.parts and "sweeps" not in p.parts and not is_pipeline_config(p)
 )
-PRESETS = sorted((REPO / "experiments" / "_base").glob("*.yaml"))
-# Run anywhere: the CUDA and DDP choices are swapped for one CPU process, the rest is as written.
+PRESETS = sorted(
+    p for p in (REPO / "experiments" / "_base").glob("*.yaml") if not is_pipeline_config(p)
+)
+# Run anywhere: the CUDA, DDP and compile choices are swapped for one plain CPU process, the
+# rest is as written.
 CPU = [
+    "--model.compile",
+    "false",
     "--trainer.accelerator",
     "cpu",
     "--trainer.devices",

@@ -564,16 +564,21 @@ def test_a_key_the_pipeline_sets_itself_fails(replay):
     assert any("in_channels" in p for p in problems), problems
 
 
-def test_a_value_yaml_reads_as_text_fails(replay):
-    # wandb writes 1e-05 as "1e-05", which YAML 1.1 reads as a string.
+def test_a_value_yaml_reads_as_text_is_taken_as_a_number(replay):
+    # wandb writes 1e-05 as "1e-05", which YAML 1.1 reads as a string; the pipeline's
+    # override parser reads it as the number it is.
     sweep = _weights()
     sweep["parameters"]["protector.model.l_keep"] = {
         "distribution": "log_uniform_values",
         "min": 1.0e-5,
         "max": 1.0e-3,
     }
-    problems = sweep_problems(sweep, replay)
-    assert any("l_keep=1e-05" in p and "str" in p for p in problems), problems
+    assert sweep_problems(sweep, replay) == []
+    from raeg_pl.pipeline import load_pipeline_config
+
+    quick = REPO / "experiments" / "protect" / "quick.yaml"
+    cfg = load_pipeline_config(quick, ["protector.model.l_keep=1e-05"])
+    assert cfg["protector"]["model"]["l_keep"] == 1e-05
 
 
 def test_a_wrong_value_type_fails(replay):

@@ -1,0 +1,86 @@
+"""Every table's grid config (quick and paper) is complete and names only things that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raeg_pl.grid import Grid, load_grid_config, validate_grid_config
+
+REPO = Path(__file__).resolve().parents[2]
+TABLES = ("main", "robustness", "fidelity", "inference", "ablation")
+GRIDS = [REPO / "experiments" / t / f"{p}.yaml" for t in TABLES for p in ("quick", "paper")]
+PIPELINES = sorted((REPO / "experiments" / "protect").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_each_table_has_both_profiles_and_a_readme(table):
+    folder = REPO / "experiments" / table
+    for name in ("quick.yaml", "paper.yaml", "README.md"):
+        assert (folder / name).is_file(), f"{folder / name} missing"
+    readme = (folder / "README.md").read_text()
+    assert (
+        f"experiments/{table}/quick.yaml" in readme and f"experiments/{table}/paper.yaml" in readme
+    )
+
+
+@pytest.mark.parametrize("config", GRIDS + PIPELINES, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_is_valid(config):
+    cfg = load_grid_config(config)
+    assert validate_grid_config(cfg) == []
+    if "table" in cfg:
+        grid = Grid(cfg)
+        plan = grid.plan()
+        assert plan["table"] == config.parent.name
+        assert plan["rows"][0] == "clean" and len(plan["rows"]) >= 2
+        assert set(plan["archs"]) <= set(grid.pirates)
+
+
+def test_quick_and_paper_grids_have_the_same_rows_and_defences():
+    for table in TABLES:
+        quick = Grid(load_grid_config(REPO / "experiments" / table / "quick.yaml")).plan()
+        paper = Grid(load_grid_config(REPO / "experiments" / table / "paper.yaml")).plan()
+        assert quick["rows"] == paper["rows"], table
+        assert [d.split(",")[0] for d in quick["defenses"]] == [
+            d.split(",")[0] for d in paper["defenses"]
+        ], table
+        assert quick["profile"] == "quick" and paper["profile"] == "paper"
+
+
+def test_main_table_covers_four_architecture_families():
+    for profile in ("quick", "paper"):
+        grid = Grid(load_grid_config(REPO / "experiments" / "main" / f"{profile}.yaml"))
+        archs = " ".join(grid.pirates[a]["model"]["arch"] for a in grid.archs)
+        for family in ("resnet", "vgg", "mobilenet", "vit"):
+            assert family in archs, (profile, family)
+
+
+def test_robustness_grid_covers_every_pirate_defence():
+    cfg = load_grid_config(REPO / "experiments" / "robustness" / "quick.yaml")
+    names = {d.split(":")[0] for d in cfg["pirate_defenses"]}
+    qualities = {d for d in cfg["pirate_defenses"] if d.startswith("jpeg")}
+    assert {"none", "gray", "blur", "median", "noise", "bits", "resize", "adv_train"} <= names
+    assert qualities == {f"jpeg:q={q}" for q in (90, 75, 50, 30, 10)}
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("rows.pgd.epss=3", "unknown argument 'epss'"),
+        ("pirates.vgg.model.arch=vgg_nope", "not a registered timm model"),
+        ("protector.model.l_advv=1", "unknown argument 'l_advv'"),
+        ("rows.raeg.protector.model.foo=1", "unknown argument 'foo'"),
+        ("rows.pgd.kind=pgdx", "unknown method kind"),
+        ("pirate_defenses=[none, 'jpegx:q=5']", "jpegx"),
+        ("pirate_defenses=[none, 'adv_train:epz=3']", "adv_train"),
+    ],
+)
+def test_a_misspelt_setting_is_reported(override, problem):
+    cfg = load_grid_config(REPO / "experiments" / "main" / "quick.yaml", [override])
+    if "adv_train" in override:
+        with pytest.raises(ValueError, match="adv_train"):
+            Grid(cfg)
+        return
+    problems = validate_grid_config(cfg)
+    assert any(problem in p for p in problems), problems
