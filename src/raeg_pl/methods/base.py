@@ -46,6 +46,16 @@ class ProtectionMethod:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
 
+    def frozen_surrogates(self) -> list[nn.Module]:
+        """The surrogates on ``device`` in eval mode without parameter gradients."""
+        if not self.surrogates:
+            raise ValueError(f"{self.name}: needs at least one surrogate classifier, got none")
+        for model in self.surrogates:
+            model.eval().to(self.device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return self.surrogates
+
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Learns whatever the method needs from the whole training set (default: nothing)."""
 

@@ -70,6 +70,19 @@ def bf16_autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def pgd_step_size(eps: float, steps: int, step_size: float | None) -> float:
+    """A checked PGD budget's step size in 8-bit levels (default 2.5 * eps / steps, Madry et al.)."""
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0 (8-bit levels), got {eps}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if step_size is None:
+        step_size = 2.5 * eps / steps if steps > 0 else 0.0
+    if step_size < 0 or (steps > 0 and eps > 0 and step_size == 0):
+        raise ValueError(f"step_size must be > 0 (8-bit levels), got {step_size}")
+    return float(step_size)
+
+
 class PGDMethod(ProtectionMethod):
     """Untargeted L-inf PGD adversarial examples against a surrogate ensemble.
 
@@ -111,16 +124,8 @@ class PGDMethod(ProtectionMethod):
         amp: bool = False,
     ) -> None:
         super().__init__(surrogates=surrogates, device=device, batch_size=batch_size, seed=seed)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0 (8-bit levels), got {eps}")
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        if step_size is None:
-            step_size = 2.5 * eps / steps if steps > 0 else 0.0
-        if step_size < 0 or (steps > 0 and eps > 0 and step_size == 0):
-            raise ValueError(f"step_size must be > 0 (8-bit levels), got {step_size}")
         self.eps = float(eps)
-        self.step_size = float(step_size)
+        self.step_size = pgd_step_size(eps, steps, step_size)
         self.steps = int(steps)
         self.random_start = bool(random_start)
         self.amp = bool(amp)
@@ -128,15 +133,6 @@ class PGDMethod(ProtectionMethod):
     def _attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The class each image's cross-entropy is taken against: its own label."""
         return labels.long()
-
-    def _models(self) -> list[nn.Module]:
-        if not self.surrogates:
-            raise ValueError(f"{self.name}: needs at least one surrogate classifier, got none")
-        for model in self.surrogates:
-            model.eval().to(self.device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-        return self.surrogates
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """PGD-perturbed copies of ``images``.
@@ -149,7 +145,7 @@ class PGDMethod(ProtectionMethod):
             (N, C, H, W) uint8 on the CPU, each value within ``floor(eps)`` levels of the input.
         """
         check_images_labels(images, labels)
-        models = self._models()
+        models = self.frozen_surrogates()
         generator = torch.Generator().manual_seed(self.seed)
         out = torch.empty_like(images, device="cpu")
         for sl in batches(len(images), self.batch_size):
@@ -277,7 +273,7 @@ class TargetedPoisonMethod(PGDMethod):
         if self.num_classes is None and len(images):
             with torch.no_grad():
                 probe = from_uint8(images[:1].to(self.device))
-                self.num_classes = int(self._models()[0](probe).shape[1])
+                self.num_classes = int(self.frozen_surrogates()[0](probe).shape[1])
         return super().protect(images, labels)
 
     def config(self) -> dict[str, Any]:

@@ -77,6 +77,7 @@ from torch import nn
 
 from raeg_pl.losses import label_permutation, targeted_labels
 from raeg_pl.methods.base import ProtectionMethod, batches
+from raeg_pl.methods.pgd import pgd_step_size
 from raeg_pl.metrics import psnr_db
 
 __all__ = [
@@ -959,19 +960,14 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         key: int | None = None,
     ) -> None:
         super().__init__(surrogates=surrogates, device=device, batch_size=batch_size, seed=seed)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0 (8-bit levels), got {eps}")
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        step_size = pgd_step_size(eps, steps, step_size)
         if not 1 <= pee_threshold <= _MAX_THRESHOLD:
             raise ValueError(f"pee_threshold must be in [1, {_MAX_THRESHOLD}], got {pee_threshold}")
         if not 1 <= max_layers <= _MAX_LAYERS:
             raise ValueError(f"max_layers must be in [1, {_MAX_LAYERS}], got {max_layers}")
-        if step_size is None:
-            step_size = 2.5 * eps / steps if steps > 0 else 0.0
         self.eps = float(eps)
         self.steps = int(steps)
-        self.step_size = float(step_size)
+        self.step_size = step_size
         self.sparse_steps = self.steps if sparse_steps is None else int(sparse_steps)
         self.targeted = bool(targeted)
         self.random_start = bool(random_start)
@@ -990,15 +986,6 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         self.per_image: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ attack
-    def _models(self) -> list[nn.Module]:
-        if not self.surrogates:
-            raise ValueError(f"{self.name}: needs at least one surrogate classifier, got none")
-        for model in self.surrogates:
-            model.eval().to(self.device)
-            for p in model.parameters():
-                p.requires_grad_(False)
-        return self.surrogates
-
     def _attack_labels(self, labels: torch.Tensor, models: list[nn.Module], probe) -> torch.Tensor:
         labels = labels.long()
         if not self.targeted:
@@ -1128,7 +1115,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
             )
         if labels.dim() != 1 or len(labels) != len(images):
             raise ValueError(f"expected ({len(images)},) labels, got {tuple(labels.shape)}")
-        models = self._models() if len(images) else []
+        models = self.frozen_surrogates() if len(images) else []
         generator = torch.Generator().manual_seed(self.seed) if self.random_start else None
         out = torch.empty_like(images, device="cpu")
         rec = {
