@@ -328,7 +328,8 @@ class Grid(Pipeline):
 
     # ------------------------------------------------------------------ driver
     def _selected(self, items, only):
-        return [x for x in items if only is None or x in only]
+        """``items``, or the chosen ones in the order given (a job's priority)."""
+        return list(items) if only is None else [x for x in only if x in items]
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
