@@ -30,7 +30,7 @@ import lightning as L
 import torch
 import yaml
 
-from raeg_pl.data.datamodule import ImageClassificationDataModule
+from raeg_pl.data.datamodule import ImageClassificationDataModule, apply_defense_uint8
 from raeg_pl.utils.files import write_atomic_text
 from raeg_pl.utils.run import to_float_dict, write_results
 from raeg_pl.utils.trainer import (
@@ -546,7 +546,7 @@ def method_export_stage(
     if method.protects_unseen:
         stored = method.protect(test_x, test_y)
         for spec in eval_defenses:
-            defended = stored if spec in ("none", "identity") else _real_defense(spec, stored)
+            defended = stored if spec in ("none", "identity") else apply_defense_uint8(stored, spec)
             for k, m in classifiers.items():
                 by_defense[k][spec] = _accuracy(m, defended, test_y)
 
@@ -582,13 +582,6 @@ def method_export_stage(
     }
     write_results(stage_dir, results, json.dumps([meta["method"], data_cfg], sort_keys=True))
     return results
-
-
-def _real_defense(spec: str, images: torch.Tensor) -> torch.Tensor:
-    """A real defence applied to uint8 images, returning uint8 (stored again in 8 bits)."""
-    from raeg_pl.data.datamodule import apply_defense_uint8
-
-    return apply_defense_uint8(images, spec)
 
 
 def summarise(cfg: dict, run_dir: Path, exp: dict, clfs: dict[str, dict]) -> dict:

@@ -56,6 +56,15 @@ class ProtectionMethod:
                 p.requires_grad_(False)
         return self.surrogates
 
+    def surrogate_num_classes(self, num_classes: int | None = None) -> int | None:
+        """``num_classes`` if given, else the surrogates' shared ``num_classes`` attribute."""
+        if num_classes is None:
+            found = {getattr(m, "num_classes", None) for m in self.surrogates} - {None}
+            if len(found) > 1:
+                raise ValueError(f"surrogates disagree on num_classes: {sorted(found)}")
+            num_classes = found.pop() if found else None
+        return None if num_classes is None else int(num_classes)
+
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Learns whatever the method needs from the whole training set (default: nothing)."""
 

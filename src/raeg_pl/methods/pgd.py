@@ -240,14 +240,10 @@ class TargetedPoisonMethod(PGDMethod):
             random_start=random_start,
             amp=amp,
         )
-        if num_classes is None:
-            found = {getattr(m, "num_classes", None) for m in self.surrogates} - {None}
-            if len(found) > 1:
-                raise ValueError(f"surrogates disagree on num_classes: {sorted(found)}")
-            num_classes = found.pop() if found else None
-        if num_classes is not None and int(num_classes) < 2:
+        num_classes = self.surrogate_num_classes(num_classes)
+        if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 for a derangement, got {num_classes}")
-        self.num_classes = None if num_classes is None else int(num_classes)
+        self.num_classes = num_classes
 
     @property
     def permutation(self) -> torch.Tensor:

@@ -976,12 +976,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         if key is not None and int(key) < 0:
             raise ValueError(f"key must be a non-negative integer, got {key}")
         self.key = None if key is None else int(key)
-        if num_classes is None:
-            found = {getattr(m, "num_classes", None) for m in self.surrogates} - {None}
-            if len(found) > 1:
-                raise ValueError(f"surrogates disagree on num_classes: {sorted(found)}")
-            num_classes = found.pop() if found else None
-        self.num_classes = None if num_classes is None else int(num_classes)
+        self.num_classes = self.surrogate_num_classes(num_classes)
         self.stats: dict[str, float] = {}
         self.per_image: dict[str, torch.Tensor] = {}
 
