@@ -73,6 +73,10 @@ class GridPlan:
         heldout: clean-trained architectures evaluated on protected test images.
         authorized_archs: architectures of the authorised runs (None: all).
         pirate_rows: rows whose pirates are trained (None: all).
+        parts: one plan per table when the grid folder is shared by several tables
+            (``grid.json``'s ``tables`` entry); the merged lists above are their union, and
+            only the parts' own products of rows, architectures, defences and seeds are
+            planned cells.
     """
 
     path: Path
@@ -87,6 +91,7 @@ class GridPlan:
     heldout: list[str] = field(default_factory=list)
     authorized_archs: list[str] | None = None
     pirate_rows: list[str] | None = None
+    parts: list[GridPlan] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,15 @@ def _str_list(data: dict, key: str, path: Path) -> list[str]:
 
 def _load_grid(path: Path) -> GridPlan:
     data = _read_json(path)
+    per_table = data.get("tables") or {}
+    if not isinstance(per_table, dict) or not all(isinstance(t, dict) for t in per_table.values()):
+        raise TableError(f"{path}: field 'tables' must map table names to grid plans")
+    plan = _plan_from(data, path)
+    plan.parts = [_plan_from(t, path) for t in per_table.values()]
+    return plan
+
+
+def _plan_from(data: dict, path: Path) -> GridPlan:
     seeds = data.get("seeds") or []
     if not isinstance(seeds, list) or not all(_is_number(s) and int(s) == s for s in seeds):
         raise TableError(f"{path}: field 'seeds' must be a list of integers, got {seeds!r}")
@@ -475,6 +489,10 @@ def _add_plan(res: Results, plan: GridPlan, runs: list[PirateRun], method_rows: 
     A directory without ``grid.json`` plans the product of the rows, architectures,
     defences and seeds its own results contain.
     """
+    if plan.parts:
+        for part in plan.parts:
+            _add_plan(res, part, runs, method_rows)
+        return
     rows = plan.rows or _unique([*method_rows, *(r.row for r in runs)])
     archs = plan.archs or _unique(r.arch for r in runs)
     defenses = plan.defenses or _unique(r.defense for r in runs)

@@ -362,6 +362,43 @@ def test_grid_plan_limits_authorised_archs_and_pirate_rows(tmp_path):
     assert auth.cells[0] is None and auth.cells[1] is NA  # authorised on resnet only
 
 
+def test_shared_grid_folder_plans_each_tables_own_cells(tmp_path):
+    """One folder serving two tables: only each table's own product is planned."""
+
+    def part(table, archs, defenses, seeds):
+        return {
+            "table": table,
+            "rows": ["clean", "raeg"],
+            "archs": archs,
+            "defenses": defenses,
+            "seeds": seeds,
+        }
+
+    main = part("main", ["resnet", "vgg"], ["none"], [0, 1])
+    robust = part("robustness", ["resnet"], ["none", "gray"], [0])
+    root = write_grid(
+        tmp_path / "g",
+        ["raeg"],
+        archs=["resnet", "vgg"],
+        defenses=["none", "gray"],
+        seeds=[0, 1],
+        tables={"main": main, "robustness": robust},
+    )
+    write_method(root, "raeg", reversible=True)
+    write_pirate(root, "raeg", "resnet", "gray", 0, 0.3)
+    table = build_main(load_results([root]))
+    assert cell_of(table, "raeg", "gray/resnet").n_planned == 1  # robustness: one seed
+    assert cell_of(table, "raeg", "gray/vgg") is NA  # no table trains a gray VGG pirate
+    assert cell_of(table, "clean", "gray/resnet") is None  # planned, not run
+    assert cell_of(table, "raeg", "none/vgg") is None
+
+
+def test_malformed_grid_tables_entry_names_the_file(tmp_path):
+    root = write_grid(tmp_path / "g", ["raeg"], tables={"main": ["not", "a", "plan"]})
+    with pytest.raises(TableError, match=r"grid\.json.*'tables'"):
+        load_results([root])
+
+
 # -------------------------------------------------------------------------------- plots/CLI
 def test_plots_draw_one_point_per_complete_method(grid_dir, tmp_path):
     res = load_results([grid_dir])
