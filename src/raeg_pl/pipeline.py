@@ -516,7 +516,7 @@ def method_export_stage(
         src_files = [Path(r).relative_to("train").as_posix() for r in rels]
         write_image_folder(
             stage_dir / "recovered",
-            method.recover(p_images),
+            method.recover(p_images, p_labels),
             p_labels,
             classes,
             src_files,

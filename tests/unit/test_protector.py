@@ -175,3 +175,63 @@ def test_gradient_at_init_reaches_zero_initialised_layers() -> None:
     (g(x) - x.flip(-1)).square().mean().backward()
     grads = [m.subnet2.conv3.weight.grad for m in g.modules() if isinstance(m, AffineCoupling)]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+# ------------------------------------------------------------------ label conditioning
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (17, 17)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_label_conditioned_protector_is_a_bijection_per_label(size: tuple[int, int]) -> None:
+    g = InvertibleProtector(levels=2, blocks_per_level=2, hidden_channels=8, num_classes=10)
+    x = torch.rand(4, 3, *size)
+    labels = torch.tensor([0, 3, 3, 9])
+    torch.testing.assert_close(g(x, labels), x, rtol=0, atol=1e-6)  # identity at init
+    _perturb(g, 0.01, seed=3)
+    with torch.no_grad():
+        y = g(x, labels)
+        torch.testing.assert_close(g.inverse(y, labels), x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(g(g.inverse(x, labels), labels), x, rtol=0, atol=1e-5)
+        # The label changes the map: the same image protected under another class differs,
+        # and inverting with the wrong label does not give the original back.
+        other = torch.tensor([1, 4, 4, 0])
+        assert (g(x, other) - y).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+        assert (g.inverse(y, other) - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+def test_label_conditioned_protector_checks_its_labels() -> None:
+    g = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4, num_classes=3)
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="conditioned on the class label"):
+        g(x)
+    with pytest.raises(ValueError, match="conditioned on the class label"):
+        g.inverse(x)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        g(x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="got 1 labels for 2 images"):
+        g(x, torch.tensor([1]))
+    # An unconditioned protector takes labels and ignores them.
+    plain = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4)
+    _perturb(plain, 0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, torch.tensor([0, 1])), plain(x), rtol=0, atol=0)
+
+
+def test_label_condition_is_part_of_config_and_fingerprint_only_when_used() -> None:
+    plain = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4)
+    assert "num_classes" not in plain.config  # unconditioned configs and digests unchanged
+    g = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4, num_classes=5)
+    assert g.config["num_classes"] == 5 and g.config["cond_channels"] == 8 and g.conditional
+    rebuilt = InvertibleProtector(**g.config)
+    rebuilt.load_state_dict(g.state_dict())
+    assert rebuilt.fingerprint() == g.fingerprint() != plain.fingerprint()
+    with torch.no_grad():
+        rebuilt.embed.weight[0, 0] += 1e-3
+    assert rebuilt.fingerprint() != g.fingerprint()
+
+
+def test_gradients_reach_the_label_embedding() -> None:
+    g = InvertibleProtector(levels=2, blocks_per_level=1, hidden_channels=4, num_classes=4)
+    _perturb(g, 0.01)
+    x, labels = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 1])
+    g(x, labels).square().mean().backward()
+    grad = g.embed.weight.grad
+    assert grad[:2].abs().sum(dim=1).min() > 0  # used labels get gradient
+    assert grad[2:].abs().sum() == 0  # unused ones do not

@@ -68,6 +68,16 @@ def save_key(net: InvertibleProtector, out_path: str | os.PathLike) -> str:
     return blob["fingerprint"]
 
 
+def _require_unconditioned(net: InvertibleProtector, path: Path) -> InvertibleProtector:
+    if getattr(net, "conditional", False):
+        raise KeyFileError(
+            f"{path}: this protector is conditioned on class labels; key files and the folder "
+            "tools serve unlabelled folders and hold unconditioned protectors only (protect "
+            "and restore a labelled dataset with the pipeline's export instead)"
+        )
+    return net
+
+
 def _rebuild(config: Any, state_dict: Any, path: Path) -> InvertibleProtector:
     if not isinstance(config, dict) or not isinstance(state_dict, dict):
         raise KeyFileError(f"{path}: config or state_dict missing or malformed")
@@ -76,7 +86,7 @@ def _rebuild(config: Any, state_dict: Any, path: Path) -> InvertibleProtector:
         net.load_state_dict(state_dict, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise KeyFileError(f"{path}: the stored weights do not fit the stored config ({e})") from e
-    return net.eval()
+    return _require_unconditioned(net, path).eval()
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
@@ -217,7 +227,7 @@ def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) 
     if isinstance(blob, dict) and blob.get("format") == KEY_FORMAT:
         net = load_key(src)
     elif isinstance(blob, dict) and "protector_config" in blob and "state_dict" in blob:
-        net = _protector_from_checkpoint_blob(blob, src)
+        net = _require_unconditioned(_protector_from_checkpoint_blob(blob, src), src)
     else:
         raise KeyFileError(
             f"{src}: neither a protector checkpoint (no 'protector_config') nor a RAEG key file"

@@ -88,6 +88,10 @@ class ProtectorLitModule(L.LightningModule):
         hidden_channels: width of the coupling sub-networks (minimum U-Net width for
             ``"encdec"``).
         clamp: soft clamp of the coupling log-scales (``"invertible"`` only).
+        label_conditioned: condition the invertible generator on the class label (a design
+            option beyond the paper, see :class:`~raeg_pl.models.protector.InvertibleProtector`);
+            protecting and restoring then need the labels.
+        cond_channels: width of the label embedding when ``label_conditioned``.
         lr: Adam learning rate (linear warm-up, then cosine-decayed over training).
         lr_warmup_steps: steps of the linear learning-rate warm-up. The generator starts at
             the identity, where full-size Adam steps move it in a random direction and spend
@@ -126,6 +130,8 @@ class ProtectorLitModule(L.LightningModule):
         blocks_per_level: int = 2,
         hidden_channels: int = 32,
         clamp: float = 1.0,
+        label_conditioned: bool = False,
+        cond_channels: int = 8,
         lr: float = 1e-3,
         lr_warmup_steps: int = 0,
         adam_eps: float = 1e-6,
@@ -157,12 +163,19 @@ class ProtectorLitModule(L.LightningModule):
         if not surrogate_checkpoints:
             raise ValueError("at least one surrogate checkpoint is needed")
         self.save_hyperparameters()
-        self.protector = create_protector(
-            generator, in_channels, levels, blocks_per_level, hidden_channels, clamp
-        )
         # Kept out of the state dict: the protector checkpoint must not carry the surrogates.
         self._surrogates = [load_surrogate(p) for p in surrogate_checkpoints]
         self.num_classes = int(self._surrogates[0].num_classes)
+        self.protector = create_protector(
+            generator,
+            in_channels,
+            levels,
+            blocks_per_level,
+            hidden_channels,
+            clamp,
+            num_classes=self.num_classes if label_conditioned else 0,
+            cond_channels=cond_channels,
+        )
         self.register_buffer(
             "permutation", label_permutation(self.num_classes, target_seed), persistent=True
         )
@@ -202,13 +215,14 @@ class ProtectorLitModule(L.LightningModule):
     def on_test_start(self) -> None:
         self._move_surrogates()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Protected images (B, C, H, W) float, before 8-bit storage."""
-        return self.protector(images)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Protected images (B, C, H, W) float, before 8-bit storage (labels: when the
+        generator is label-conditioned)."""
+        return self.protector(images, labels)
 
-    def inverse(self, protected: torch.Tensor) -> torch.Tensor:
+    def inverse(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Recovered images (B, C, H, W) float from protected (stored) images."""
-        return self.protector.inverse(protected)
+        return self.protector.inverse(protected, labels)
 
     def _adv_targets(self, labels: torch.Tensor) -> torch.Tensor:
         return targeted_labels(labels, self.permutation)
@@ -235,9 +249,9 @@ class ProtectorLitModule(L.LightningModule):
         hp = self.hparams
         images, labels = batch
         step = self.global_step
-        protected = self.protector(images)
+        protected = self.protector(images, labels)
         stored = quantize_ste(protected)
-        recovered = self.protector.inverse(stored)
+        recovered = self.protector.inverse(stored, labels)
         l_fid = fidelity_loss(protected, images)
         l_rec = recovery_loss(recovered, images)
         l_range = out_of_range_penalty(protected)
@@ -319,8 +333,8 @@ class ProtectorLitModule(L.LightningModule):
     # -------------------------------------------------------------------- evaluation
     def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
         images, labels = batch
-        stored = from_uint8(to_uint8(self.protector(images)))  # real 8-bit storage
-        recovered = from_uint8(to_uint8(self.protector.inverse(stored)))
+        stored = from_uint8(to_uint8(self.protector(images, labels)))  # real 8-bit storage
+        recovered = from_uint8(to_uint8(self.protector.inverse(stored, labels)))
         self.quality_protected.update(stored, images)
         self.quality_recovered.update(recovered, images)
         surrogate = self._surrogates[0]

@@ -72,8 +72,11 @@ class ProtectionMethod:
         """Protected copies (N, C, H, W) uint8 of ``images`` (N, C, H, W) uint8."""
         raise NotImplementedError
 
-    def recover(self, protected: torch.Tensor) -> torch.Tensor:
-        """Restored images (N, C, H, W) uint8 from stored protected images (reversible only)."""
+    def recover(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Restored images (N, C, H, W) uint8 from stored protected images (reversible only).
+
+        ``labels`` (N,): the class labels, which a label-conditioned method needs (an
+        authorised user reads them from the class folders of the protected dataset)."""
         raise NotImplementedError(f"{self.name} is not reversible")
 
     def config(self) -> dict[str, Any]:

@@ -30,21 +30,27 @@ class RAEGMethod(ProtectionMethod):
         self.checkpoint = Path(checkpoint)
         self.net = load_protector_checkpoint(self.checkpoint).to(self.device).eval()
 
-    def _apply(self, fn, images: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         from raeg_pl.metrics import to_uint8
 
+        if self.net.conditional and labels is None:
+            raise ValueError(
+                f"the protector of {self.checkpoint} is conditioned on class labels: "
+                "protecting and recovering need the images' labels"
+            )
         out = torch.empty_like(images)
         with torch.no_grad():
             for s in batches(len(images), self.batch_size):
                 x = images[s].to(self.device).float() / 255
-                out[s] = to_uint8(fn(x)).cpu()
+                y = None if labels is None else labels[s].to(self.device)
+                out[s] = to_uint8(fn(x, y)).cpu()
         return out
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.net, images)
+        return self._apply(self.net, images, labels)
 
-    def recover(self, protected: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.net.inverse, protected)
+    def recover(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._apply(self.net.inverse, protected, labels)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -1200,7 +1200,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         }
 
     # ------------------------------------------------------------------ recovery
-    def recover(self, protected: torch.Tensor) -> torch.Tensor:
+    def recover(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The original images, bit for bit, from protected images alone.
 
         Needs the same ``pee_threshold`` and ``key`` as protection (:func:`recover_image`).

@@ -203,11 +203,16 @@ class EncoderDecoderProtector(nn.Module):
             padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
             return x + net(padded)[..., :h, :w]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    #: The encoder-decoder is never label-conditioned; callers may pass labels regardless.
+    conditional = False
+    num_classes = 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Protect images with the encoder: ``x_p = x + r_enc(x)``.
 
         Args:
             x: (B, C, H, W) images, nominally float in [0, 1]; any size and dtype.
+            labels: ignored (the interface of :class:`InvertibleProtector`).
 
         Returns:
             (B, C, H, W) float32 protected images. Not clamped: values may leave [0, 1]
@@ -215,7 +220,7 @@ class EncoderDecoderProtector(nn.Module):
         """
         return self._apply_residual(self.encoder, x)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Recover images with the decoder: ``x_r = y + r_dec(y)``.
 
         Approximate: only as good as the decoder has been trained to be, on stored 8-bit
@@ -223,6 +228,7 @@ class EncoderDecoderProtector(nn.Module):
 
         Args:
             y: (B, C, H, W) protected images, any size and dtype.
+            labels: ignored (the interface of :class:`InvertibleProtector`).
 
         Returns:
             (B, C, H, W) float32 recovered images (not clamped).
@@ -237,6 +243,8 @@ def create_protector(
     blocks_per_level: int = 4,
     hidden_channels: int = 32,
     clamp: float = 1.0,
+    num_classes: int = 0,
+    cond_channels: int = 8,
 ) -> InvertibleProtector | EncoderDecoderProtector:
     """The protector network of a generator kind, freshly initialised (the identity).
 
@@ -249,13 +257,26 @@ def create_protector(
         hidden_channels: width of the coupling sub-networks, or minimum U-Net width.
         clamp: soft clamp of the coupling log-scales; the encoder-decoder has none and
             ignores it.
+        num_classes: label conditioning of the invertible generator (0: none).
+        cond_channels: width of its label embedding.
 
     Raises:
-        ValueError: ``generator`` is not one of :data:`GENERATORS`.
+        ValueError: ``generator`` is not one of :data:`GENERATORS`, or label conditioning
+            was asked of the encoder-decoder.
     """
     if generator == "invertible":
-        return InvertibleProtector(in_channels, levels, blocks_per_level, hidden_channels, clamp)
+        return InvertibleProtector(
+            in_channels,
+            levels,
+            blocks_per_level,
+            hidden_channels,
+            clamp,
+            num_classes,
+            cond_channels,
+        )
     if generator == "encdec":
+        if num_classes:
+            raise ValueError("label conditioning is implemented for the invertible generator only")
         return EncoderDecoderProtector(in_channels, levels, blocks_per_level, hidden_channels)
     raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
 

@@ -139,64 +139,95 @@ class AffineCoupling(nn.Module):
     the block is the identity, yet the sub-networks still see those positions as context.
     :class:`InvertibleProtector` uses this to stay exactly invertible on padded images.
 
+    With ``cond_channels > 0`` both sub-networks also see a conditioning map (B,
+    cond_channels, h, w), the same in :meth:`forward` and :meth:`inverse`, so the block stays
+    exactly invertible for a given condition (a conditional coupling as in Ardizzone et al.,
+    "Guided image generation with conditional invertible neural networks", 2019).
+
     Args:
         channels: number of input channels C (at least 2).
         hidden_channels: width of the sub-networks.
         clamp: soft bound on each log-scale; per step the scale lies in
             ``(exp(-clamp), exp(clamp))``.
+        cond_channels: channels of the conditioning map (0: unconditioned).
     """
 
-    def __init__(self, channels: int, hidden_channels: int = 32, clamp: float = 1.0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int = 32,
+        clamp: float = 1.0,
+        cond_channels: int = 0,
+    ) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"a coupling needs at least 2 channels, got {channels}")
         self.channels = channels
         self.split = channels // 2
         self.clamp = float(clamp)
-        c1, c2 = self.split, channels - self.split
-        self.subnet2 = _DenseSubnet(c1, 2 * c2, hidden_channels)  # conditions on x1, moves x2
-        self.subnet1 = _DenseSubnet(c2, 2 * c1, hidden_channels)  # conditions on y2, moves x1
+        self.cond_channels = int(cond_channels)
+        c1, c2, cc = self.split, channels - self.split, self.cond_channels
+        self.subnet2 = _DenseSubnet(c1 + cc, 2 * c2, hidden_channels)  # sees x1, moves x2
+        self.subnet1 = _DenseSubnet(c2 + cc, 2 * c1, hidden_channels)  # sees y2, moves x1
 
     def _scale_shift(
-        self, subnet: nn.Module, cond: torch.Tensor, mask: torch.Tensor | None
+        self,
+        subnet: nn.Module,
+        given: torch.Tensor,
+        mask: torch.Tensor | None,
+        cond: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, t = subnet(cond).chunk(2, dim=1)
+        if self.cond_channels:
+            if cond is None or cond.shape[1] != self.cond_channels:
+                raise ValueError(
+                    f"this coupling is conditioned on {self.cond_channels} channels; "
+                    f"got {None if cond is None else tuple(cond.shape)}"
+                )
+            given = torch.cat([given, cond], dim=1)
+        h, t = subnet(given).chunk(2, dim=1)
         s = self.clamp * (2.0 * torch.sigmoid(h) - 1.0)
         if mask is not None:
             s, t = s * mask, t * mask
         return s, t
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Apply the coupling.
 
         Args:
             x: (B, C, h, w) float tensor.
             mask: optional (1, 1, h, w) tensor of 0/1; positions with 0 are passed through.
+            cond: (B, cond_channels, h, w) conditioning map; required iff
+                ``cond_channels > 0``.
 
         Returns:
             (B, C, h, w) tensor.
         """
         x1, x2 = x[:, : self.split], x[:, self.split :]
-        s2, t2 = self._scale_shift(self.subnet2, x1, mask)
+        s2, t2 = self._scale_shift(self.subnet2, x1, mask, cond)
         y2 = x2 * torch.exp(s2) + t2
-        s1, t1 = self._scale_shift(self.subnet1, y2, mask)
+        s1, t1 = self._scale_shift(self.subnet1, y2, mask, cond)
         y1 = x1 * torch.exp(s1) + t1
         return torch.cat([y1, y2], dim=1)
 
-    def inverse(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(
+        self, y: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Undo :meth:`forward` exactly (up to float rounding).
 
         Args:
             y: (B, C, h, w) tensor produced by :meth:`forward`.
             mask: the same mask that was given to :meth:`forward`.
+            cond: the same conditioning map that was given to :meth:`forward`.
 
         Returns:
             (B, C, h, w) tensor.
         """
         y1, y2 = y[:, : self.split], y[:, self.split :]
-        s1, t1 = self._scale_shift(self.subnet1, y2, mask)
+        s1, t1 = self._scale_shift(self.subnet1, y2, mask, cond)
         x1 = (y1 - t1) * torch.exp(-s1)
-        s2, t2 = self._scale_shift(self.subnet2, x1, mask)
+        s2, t2 = self._scale_shift(self.subnet2, x1, mask, cond)
         x2 = (y2 - t2) * torch.exp(-s2)
         return torch.cat([x1, x2], dim=1)
 
@@ -224,12 +255,18 @@ class ChannelPermutation(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Shuffle channels of (B, C, h, w) ``x``; positions where ``mask`` is 0 keep order."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Shuffle channels of (B, C, h, w) ``x``; positions where ``mask`` is 0 keep order.
+
+        ``cond`` is accepted for a uniform block interface and not used."""
         y = x[:, self.perm]
         return y if mask is None else torch.where(mask.bool(), y, x)
 
-    def inverse(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(
+        self, y: torch.Tensor, mask: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Undo :meth:`forward` exactly."""
         x = y[:, self.inv_perm]
         return x if mask is None else torch.where(mask.bool(), x, y)
@@ -264,12 +301,22 @@ class InvertibleProtector(nn.Module):
     All computation is float32 with autocast disabled, because coupling inverses amplify
     rounding error.
 
+    **Label conditioning** (``num_classes > 0``, a design option beyond the paper): a
+    learned embedding of the image's class label, broadcast over the positions of every
+    level, is an extra input of every coupling sub-network. The map is then a bijection for
+    each label, and both :meth:`forward` and :meth:`inverse` need the label; a dataset owner
+    has it when protecting, and an authorised user reads it from the class folder of the
+    protected dataset when restoring. The generator can then shape each image's change by
+    its class directly instead of inferring the class from the pixels.
+
     Args:
         in_channels: image channels C (3 for RGB).
         levels: number of Haar levels (2 for 32x32 CIFAR, 3 for larger images).
         blocks_per_level: coupling blocks K per level and per path.
         hidden_channels: width of every coupling sub-network.
         clamp: soft bound on each coupling log-scale.
+        num_classes: classes of the label condition (0: unconditioned, the paper's design).
+        cond_channels: width of the label embedding (used when ``num_classes > 0``).
     """
 
     def __init__(
@@ -279,10 +326,16 @@ class InvertibleProtector(nn.Module):
         blocks_per_level: int = 4,
         hidden_channels: int = 32,
         clamp: float = 1.0,
+        num_classes: int = 0,
+        cond_channels: int = 8,
     ) -> None:
         super().__init__()
         if levels < 1 or blocks_per_level < 1 or in_channels < 1 or hidden_channels < 1:
             raise ValueError("in_channels, levels, blocks_per_level, hidden_channels must be >= 1")
+        if num_classes < 0 or (num_classes and cond_channels < 1):
+            raise ValueError(
+                f"need num_classes >= 0 and cond_channels >= 1, got {num_classes}, {cond_channels}"
+            )
         self._config: dict[str, Any] = {
             "in_channels": int(in_channels),
             "levels": int(levels),
@@ -290,20 +343,27 @@ class InvertibleProtector(nn.Module):
             "hidden_channels": int(hidden_channels),
             "clamp": float(clamp),
         }
+        if num_classes:
+            # Only conditioned protectors carry these keys, so the configs and fingerprints
+            # of unconditioned ones stay what they were.
+            self._config |= {"num_classes": int(num_classes), "cond_channels": int(cond_channels)}
         self.in_channels = in_channels
         self.levels = levels
+        self.num_classes = int(num_classes)
+        cc = int(cond_channels) if num_classes else 0
+        self.embed = nn.Embedding(num_classes, cc) if num_classes else None
         self.down = nn.ModuleList()
         self.up = nn.ModuleList()
         for level in range(1, levels + 1):
             channels = in_channels * 4**level
             down, up = nn.ModuleList(), nn.ModuleList()
             for k in range(blocks_per_level):
-                down.append(AffineCoupling(channels, hidden_channels, clamp))
+                down.append(AffineCoupling(channels, hidden_channels, clamp, cc))
                 down.append(ChannelPermutation(channels, seed=1000 * level + k))
             # The up path undoes the down path's shuffles in mirror order, so that with
             # identity couplings at init the whole network is the identity.
             for k in reversed(range(blocks_per_level)):
-                up.append(AffineCoupling(channels, hidden_channels, clamp))
+                up.append(AffineCoupling(channels, hidden_channels, clamp, cc))
                 up.append(ChannelPermutation(channels, seed=1000 * level + k, invert=True))
             self.down.append(down)
             self.up.append(up)
@@ -348,11 +408,41 @@ class InvertibleProtector(nn.Module):
         ]
         return x, masks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Protect images: ``x_p = G(x)``.
+    @property
+    def conditional(self) -> bool:
+        """Whether the map depends on a class label (``num_classes > 0``)."""
+        return self.num_classes > 0
+
+    def _condition(self, labels: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+        """The (B, cond_channels, 1, 1) label embedding (None when unconditioned)."""
+        if self.embed is None:
+            return None
+        if labels is None:
+            raise ValueError(
+                f"this protector is conditioned on the class label ({self.num_classes} "
+                "classes): pass the images' labels to forward and inverse"
+            )
+        labels = torch.as_tensor(labels, device=z.device).reshape(-1).long()
+        if labels.numel() != z.shape[0]:
+            raise ValueError(f"got {labels.numel()} labels for {z.shape[0]} images")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        return self.embed(labels).float()[:, :, None, None]
+
+    @staticmethod
+    def _at(cond: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
+        return None if cond is None else cond.expand(-1, -1, *z.shape[-2:])
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Protect images: ``x_p = G(x)`` (``G(x | y)`` when label-conditioned).
 
         Args:
             x: (B, C, H, W) images, nominally float in [0, 1]; any size and dtype.
+            labels: (B,) int class labels; required by a conditioned protector, ignored
+                otherwise.
 
         Returns:
             (B, C, H, W) float32 protected images. Not clamped: values may leave [0, 1]
@@ -361,17 +451,20 @@ class InvertibleProtector(nn.Module):
         h, w = x.shape[-2:]
         with torch.autocast(device_type=x.device.type, enabled=False):
             z, masks = self._prepare(x.float())
+            cond = self._condition(labels, z)
             for stage, mask in zip(self.down, masks):
                 z = haar_downsample(z)
+                c = self._at(cond, z)
                 for block in stage:
-                    z = block(z, mask)
+                    z = block(z, mask, c)
             for stage, mask in zip(reversed(self.up), reversed(masks)):
+                c = self._at(cond, z)
                 for block in stage:
-                    z = block(z, mask)
+                    z = block(z, mask, c)
                 z = haar_upsample(z)
         return z[..., :h, :w]
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Recover images: ``x = G^-1(y)``.
 
         Exact (~1e-6 in float32) on the float output of :meth:`forward`; on 8-bit stored
@@ -379,6 +472,8 @@ class InvertibleProtector(nn.Module):
 
         Args:
             y: (B, C, H, W) protected images, any size and dtype.
+            labels: (B,) int class labels, the ones given to :meth:`forward`; required by a
+                conditioned protector, ignored otherwise.
 
         Returns:
             (B, C, H, W) float32 recovered images (not clamped).
@@ -386,12 +481,15 @@ class InvertibleProtector(nn.Module):
         h, w = y.shape[-2:]
         with torch.autocast(device_type=y.device.type, enabled=False):
             z, masks = self._prepare(y.float())
+            cond = self._condition(labels, z)
             for stage, mask in zip(self.up, masks):
                 z = haar_downsample(z)
+                c = self._at(cond, z)
                 for block in reversed(stage):
-                    z = block.inverse(z, mask)
+                    z = block.inverse(z, mask, c)
             for stage, mask in zip(reversed(self.down), reversed(masks)):
+                c = self._at(cond, z)
                 for block in reversed(stage):
-                    z = block.inverse(z, mask)
+                    z = block.inverse(z, mask, c)
                 z = haar_upsample(z)
         return z[..., :h, :w]

@@ -1,0 +1,142 @@
+"""Tests of the label-conditioned protector option end to end: training, checkpoints, the
+RAEG method's protect/recover with labels, and the key files that refuse it."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from raeg_pl.data import ImageClassificationDataModule
+from raeg_pl.io.keyfile import KeyFileError, export_key, load_key, load_protector_checkpoint
+from raeg_pl.lit.protector import ProtectorLitModule
+from raeg_pl.methods.raeg import RAEGMethod
+from raeg_pl.models.encdec import create_protector
+from raeg_pl.models.protector import InvertibleProtector
+from raeg_pl.pipeline import train_classifier
+
+
+def _perturb(model: torch.nn.Module, scale: float = 0.01, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def _checkpoint(net: InvertibleProtector, path) -> None:
+    """The layout of a ProtectorLitModule checkpoint, for the protector part."""
+    torch.save(
+        {
+            "protector_config": net.config,
+            "protector_fingerprint": net.fingerprint(),
+            "state_dict": {f"protector.{k}": v for k, v in net.state_dict().items()},
+        },
+        path,
+    )
+
+
+def test_encoder_decoder_cannot_be_label_conditioned() -> None:
+    with pytest.raises(ValueError, match="invertible generator only"):
+        create_protector("encdec", num_classes=10)
+
+
+def test_raeg_method_protects_and_recovers_with_labels(tmp_path) -> None:
+    net = InvertibleProtector(levels=2, blocks_per_level=1, hidden_channels=8, num_classes=4)
+    _perturb(net, 0.001)  # changes of a few levels, like a trained protector's
+    _checkpoint(net, tmp_path / "cond.ckpt")
+    loaded = load_protector_checkpoint(tmp_path / "cond.ckpt")
+    assert loaded.conditional and loaded.fingerprint() == net.fingerprint()
+
+    method = RAEGMethod(tmp_path / "cond.ckpt", batch_size=5)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(12) % 4
+    protected = method.protect(images, labels)
+    assert protected.dtype == torch.uint8 and (protected != images).any()
+    # Each image's change depends on its class.
+    assert (method.protect(images, (labels + 1) % 4) != protected).any()
+
+    def error(x: torch.Tensor) -> float:
+        return float((x.int() - images.int()).abs().float().mean())
+
+    # Recovery from 8-bit storage with the right labels is close to the original (the
+    # rounding error only); with wrong labels it is as far off as the protected images.
+    assert error(protected) > 2.0
+    assert error(method.recover(protected, labels)) < 0.2
+    assert error(method.recover(protected, (labels + 1) % 4)) > 2.0
+    with pytest.raises(ValueError, match=r"cond\.ckpt is conditioned on class labels"):
+        method.recover(protected)
+
+
+def test_key_files_refuse_label_conditioned_protectors(tmp_path) -> None:
+    net = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4, num_classes=3)
+    _checkpoint(net, tmp_path / "cond.ckpt")
+    with pytest.raises(KeyFileError, match=r"cond\.ckpt: this protector is conditioned"):
+        export_key(tmp_path / "cond.ckpt", tmp_path / "cond.raegkey")
+    assert not (tmp_path / "cond.raegkey").exists()
+    # A key file carrying one anyway (written by hand) is refused on load too.
+    from raeg_pl.io.keyfile import key_blob
+
+    torch.save(key_blob(net), tmp_path / "hand.raegkey")
+    with pytest.raises(KeyFileError, match=r"hand\.raegkey: this protector is conditioned"):
+        load_key(tmp_path / "hand.raegkey")
+
+
+@pytest.mark.data
+def test_lit_module_trains_a_label_conditioned_protector(data_root, cache_dir, tmp_path) -> None:
+    data = {
+        "data_dir": str(data_root),
+        "cache_dir": str(cache_dir),
+        "download": False,
+        "val_per_class": 2,
+        "test_per_class": 2,
+    }
+    train_classifier(
+        tmp_path / "surrogate",
+        {"arch": "resnet_tiny_cifar", "lr": 0.2},
+        {**data, "train_per_class": 5, "batch_size": 50},
+        {"accelerator": "cpu", "enable_progress_bar": False},
+        1,
+        seed=0,
+    )
+    L.seed_everything(0)
+    dm = ImageClassificationDataModule(
+        **{**data, "train_per_class": 4, "batch_size": 20, "augment": False}
+    )
+    model = ProtectorLitModule(
+        [str(tmp_path / "surrogate" / "checkpoints" / "last.ckpt")],
+        levels=2,
+        blocks_per_level=1,
+        hidden_channels=8,
+        label_conditioned=True,
+        psnr_target=None,
+        warmup_steps=1,
+        adv_ramp_steps=1,
+        train_defenses=[],
+        eval_defenses=["none"],
+        grid_images=0,
+    )
+    assert model.protector.conditional and model.protector.num_classes == 10
+    before = model.protector.embed.weight.detach().clone()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=str(tmp_path / "protector"),
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3 and model.recoveries == 0
+    assert not torch.equal(model.protector.embed.weight.detach(), before)  # it learns
+    assert "val/psnr_recovered" in trainer.callback_metrics
+
+    ckpt = tmp_path / "protector.ckpt"
+    trainer.save_checkpoint(ckpt)
+    net = load_protector_checkpoint(ckpt)
+    assert net.conditional and net.fingerprint() == model.protector.fingerprint()
+    x = dm.train_set.images[:6].float() / 255
+    y = dm.train_set.labels[:6]
+    with torch.no_grad():
+        torch.testing.assert_close(net.inverse(net(x, y), y), x, rtol=0, atol=1e-5)
