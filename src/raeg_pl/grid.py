@@ -25,6 +25,7 @@ earlier pipeline run when their configs are identical.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +34,10 @@ import yaml
 from raeg_pl.pipeline import (
     PIPELINE_KEYS,
     Pipeline,
+    StageRecipeError,
     _slug,
     _stage_done,
+    _stage_of,
     deep_merge,
     load_pipeline_config,
     method_export_stage,
@@ -262,7 +265,22 @@ class Grid(Pipeline):
                 },
             )
 
-        return self._stage(f"methods/{row}", run)
+        heldout_stages = [self._pirate_dir(CLEAN, a, "none", self.seeds[0]) for a in self.heldout]
+        recipe = {
+            "stage": "method",
+            "spec": spec,
+            "data": self.data_cfg,
+            "eval_defenses": self.eval_defenses,
+            "inference_per_class": self.cfg.get("inference_per_class"),
+            "upstream": {
+                "protector": self.recipes.get(f"protector_{row}"),
+                "surrogates": [self.recipes.get(_stage_of(p)) for p in surrogates],
+                "heldout": [
+                    self.recipes.get(str(d.relative_to(self.run_dir))) for d in heldout_stages
+                ],
+            },
+        }
+        return self._stage(f"methods/{row}", run, recipe)
 
     def _pirate_dir(self, row: str, arch: str, defense: str, seed: int, source: str = "") -> Path:
         leaf = "authorized" if source == "recovered" else _slug(defense)
@@ -305,7 +323,9 @@ class Grid(Pipeline):
                 wandb=self._wandb(row, f"pirate-{arch}-{_slug(defense)}", seed),
             )
 
-        return self._stage(str(stage_dir.relative_to(self.run_dir)), run)
+        upstream = None if source == "clean" else self.recipes.get(f"methods/{row}")
+        recipe = self.classifier_recipe(spec, 100 + seed, source, defense, upstream)
+        return self._stage(str(stage_dir.relative_to(self.run_dir)), run, recipe)
 
     def clean_export(self) -> None:
         from raeg_pl.data.datamodule import ImageClassificationDataModule
@@ -474,7 +494,11 @@ def main(args: list[str]) -> int:
     if ns.check:
         print(f"raeg grid: {ns.config}: valid ({len(grid.plan()['rows'])} rows)", flush=True)
         return 0
-    grid.run()
+    try:
+        grid.run()
+    except StageRecipeError as e:
+        print(f"raeg grid: {e}", file=sys.stderr, flush=True)
+        return 2
     if ns.tables:
         from raeg_pl.tables import main as table_main
 

@@ -15,13 +15,21 @@ resumes; a classifier or protector interrupted mid-training resumes from its las
 
 Every classifier is evaluated on the clean test split. The run directory gets
 ``results.json`` (all figures and split sizes) and ``report.md`` (table, image grid, plots).
+
+Each stage folder also records its **recipe** (``recipe.json``): the config sections that
+determine its output plus the recipe hashes of the stages it builds on. A finished or
+half-finished stage whose recipe differs from the current config's is never reused or
+resumed: the run stops with an error naming the folder and the differing keys, so a changed
+config can never silently mix old and new results in one run directory.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ import yaml
 
 from raeg_pl.data.datamodule import ImageClassificationDataModule, apply_defense_uint8
 from raeg_pl.utils.files import write_atomic_text
-from raeg_pl.utils.run import to_float_dict, write_results
+from raeg_pl.utils.run import process_rank, to_float_dict, write_results
 from raeg_pl.utils.trainer import (
     end_wandb_run,
     flatten_config,
@@ -43,6 +51,9 @@ from raeg_pl.utils.trainer import (
 )
 
 STAGE_RESULTS = "results.json"
+STAGE_RECIPE = "recipe.json"
+# Keys that locate files or only change what is printed: not part of any stage's recipe.
+_NOT_RECIPE = frozenset({"data_dir", "cache_dir", "num_workers", "enable_progress_bar"})
 
 
 # ------------------------------------------------------------------------ configuration
@@ -122,6 +133,38 @@ def _stage_done(stage_dir: Path) -> bool:
 
 def _read(stage_dir: Path) -> dict:
     return json.loads((stage_dir / STAGE_RESULTS).read_text())
+
+
+class StageRecipeError(RuntimeError):
+    """A stage folder holds the output of another recipe than the current config's."""
+
+
+def normalise_recipe(recipe: Any) -> Any:
+    """``recipe`` as plain JSON values, without the keys of :data:`_NOT_RECIPE`."""
+    if isinstance(recipe, dict):
+        return {str(k): normalise_recipe(v) for k, v in recipe.items() if k not in _NOT_RECIPE}
+    if isinstance(recipe, (list, tuple)):
+        return [normalise_recipe(v) for v in recipe]
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def recipe_hash(recipe: Any) -> str:
+    """Short SHA-256 of a normalised recipe (sorted-key JSON)."""
+    text = json.dumps(normalise_recipe(recipe), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys at which two normalised recipes differ (``old`` may be anything)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            if k not in old or k not in new:
+                out.append(prefix + k)
+            else:
+                out += recipe_differences(old[k], new[k], f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "(whole recipe)"]
 
 
 def _trainer(
@@ -217,6 +260,7 @@ class Pipeline:
         self.wandb = cfg.get("wandb")
         self.stop_after = stop_after
         self.log: list[str] = []
+        self.recipes: dict[str, str] = {}  # stage name -> recipe hash, this invocation
 
     def _say(self, msg: str) -> None:
         line = f"[raeg pipeline] {msg}"
@@ -234,12 +278,57 @@ class Pipeline:
             profile=self.cfg.get("profile"),
         )
 
-    def _stage(self, name: str, fn) -> dict:
+    def _check_recipe(self, name: str, stage_dir: Path, recipe: dict) -> dict:
+        """Records the stage's recipe hash; refuses a folder holding another recipe's work.
+
+        A folder written before recipes were recorded is checked on what its results kept
+        (the ``model`` section), which catches a changed architecture or loss setting.
+        """
+        rec = normalise_recipe(recipe)
+        digest = recipe_hash(rec)
+        self.recipes[name] = digest
+        path = stage_dir / STAGE_RECIPE
+        diff: list[str] = []
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise StageRecipeError(f"{path}: unreadable recipe record ({e})") from e
+            if old.get("hash") != digest:
+                diff = recipe_differences(old.get("recipe"), rec) or ["(recipe format)"]
+        elif _stage_done(stage_dir):
+            kept = _read(stage_dir).get("model")
+            spec_model = (rec.get("spec") or {}).get("model")
+            if kept is not None and spec_model is not None:
+                diff = [
+                    f"spec.model.{k}"
+                    for k in recipe_differences(normalise_recipe(kept), spec_model)
+                ]
+        if diff:
+            shown = ", ".join(
+                d.replace("upstream", "upstream (a stage it builds on)") for d in diff[:8]
+            )
+            more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
+            raise StageRecipeError(
+                f"{stage_dir}: this stage was run with another recipe than the current config's "
+                f"(differs in: {shown}{more}). Delete the folder to recompute it, or use another "
+                "run directory."
+            )
+        return rec
+
+    def _stage(self, name: str, fn, recipe: dict | None = None) -> dict:
         stage_dir = self.run_dir / name
+        rec = None if recipe is None else self._check_recipe(name, stage_dir, recipe)
         if _stage_done(stage_dir):
             self._say(f"{name}: done before, skipped")
             return _read(stage_dir)
         self._say(f"{name}: running")
+        if rec is not None and process_rank() == 0:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            record = {"hash": self.recipes[name], "recipe": rec}
+            write_atomic_text(
+                stage_dir / STAGE_RECIPE, json.dumps(record, indent=2, sort_keys=True)
+            )
         t0 = time.perf_counter()
         out = fn(stage_dir)
         self._say(f"{name}: finished in {time.perf_counter() - t0:.0f} s")
@@ -279,7 +368,7 @@ class Pipeline:
             def run(stage_dir, spec=spec, i=i):
                 return self._train(stage_dir, spec, self.seed + i)
 
-            self._stage(name, run)
+            self._stage(name, run, self.classifier_recipe(spec, self.seed + i))
             paths.append(self.run_dir / name / "checkpoints" / "last.ckpt")
         return paths
 
@@ -326,7 +415,15 @@ class Pipeline:
             write_results(stage_dir, results, json.dumps(spec, sort_keys=True))
             return results
 
-        self._stage(name, run)
+        recipe = {
+            "stage": "protector",
+            "spec": spec,
+            "data": self.data_cfg,
+            "trainer": self.trainer_cfg,
+            "seed": self.seed,
+            "upstream": [self.recipes.get(_stage_of(p)) for p in surrogate_ckpts],
+        }
+        self._stage(name, run, recipe)
         return self.run_dir / name / "checkpoints" / "last.ckpt"
 
     # 3. export + measurements from the stored files
@@ -341,7 +438,15 @@ class Pipeline:
                 self.run_dir,
             )
 
-        return self._stage("export", run)
+        recipe = {
+            "stage": "export",
+            "data": self.data_cfg,
+            "eval_defenses": list(self.cfg.get("eval_defenses") or ["none", "jpeg:q=75", "gray"]),
+            "upstream": [
+                self.recipes.get(_stage_of(p)) for p in (protector_ckpt, surrogate_ckpts[0])
+            ],
+        }
+        return self._stage("export", run, recipe)
 
     # 4-6. pirates, authorised, clean
     def classifiers(self) -> dict[str, dict]:
@@ -367,8 +472,31 @@ class Pipeline:
                     extra={"source": source, "defense": defense},
                 )
 
-            out[name] = self._stage(name, run)
+            upstream = None if source == "clean" else self.recipes.get("export")
+            recipe = self.classifier_recipe(spec, self.seed + 100, source, defense, upstream)
+            out[name] = self._stage(name, run, recipe)
         return out
+
+    def classifier_recipe(
+        self,
+        spec: dict,
+        seed: int,
+        source: str = "clean",
+        defense: str = "none",
+        upstream: str | None = None,
+    ) -> dict:
+        """The recipe of a classifier stage: its spec, data, trainer and seed, the data
+        source and pirate defence, and the recipe hash of the stage that made its data."""
+        return {
+            "stage": "classifier",
+            "spec": spec,
+            "data": self.data_cfg,
+            "trainer": self.trainer_cfg,
+            "seed": seed,
+            "source": source,
+            "defense": defense,
+            "upstream": upstream,
+        }
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -393,6 +521,11 @@ class Pipeline:
             end_wandb_run(loggers)
         self._say(f"results: {self.run_dir / 'results.json'}, report: {self.run_dir / 'report.md'}")
         return results
+
+
+def _stage_of(checkpoint: Path) -> str:
+    """The stage name of ``<run_dir>/<stage>/checkpoints/last.ckpt``."""
+    return Path(checkpoint).parent.parent.name
 
 
 def _single_process_from_here() -> bool:
@@ -743,4 +876,7 @@ def main(args: list[str]) -> int:
     except StageLimitReached as stop:
         print(f"[raeg pipeline] stopped after stage {stop}", flush=True)
         return 3
+    except StageRecipeError as e:
+        print(f"raeg pipeline: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0

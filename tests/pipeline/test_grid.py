@@ -116,3 +116,35 @@ def test_grid_runs_every_cell_resumes_and_builds_tables(data_root, cache_dir, tm
     assert len(rows) >= 1 + 6
     for name in ("fidelity", "robustness", "inference"):
         assert (tables / f"{name}.md").is_file() and (tables / f"{name}.tex").is_file()
+
+
+@pytest.mark.data
+def test_grid_reuses_a_pipeline_run_and_refuses_a_changed_recipe(
+    data_root, cache_dir, tmp_path, capsys
+):
+    data = [f"data.data_dir={data_root}", f"data.cache_dir={cache_dir}"]
+    shared = [t for t in TINY[:8]] + data
+    pipe = tmp_path / "pipeline"
+    protect_quick = REPO / "experiments" / "protect" / "quick.yaml"
+    pipe_args = ["pipeline", "--config", str(protect_quick), "--run_dir", str(pipe), *shared]
+    assert main([*pipe_args, "--stop_after", "protector"]) == 3
+    run = tmp_path / "grid"
+    grid_args = [
+        "grid", "--config", str(MAIN_QUICK), "--run_dir", str(run), *shared,
+        "pirate.max_epochs=1", "pirate.data.val_per_class=2", "archs=[resnet]", "heldout=[]",
+        "seeds=[0]", "pirate_defenses=[none]", "eval_defenses=[none]", "inference_per_class=3",
+        f"reuse_from={pipe}",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main([*grid_args, "rows={raeg: {kind: raeg}}"]) == 0
+    out = capsys.readouterr().out
+    assert f"surrogate_0: reused from {pipe / 'surrogate_0'}" in out
+    assert f"protector_raeg: reused from {pipe / 'protector'}" in out
+    assert (run / "protector_raeg").resolve() == (pipe / "protector").resolve()
+    assert (run / "pirates" / "raeg" / "resnet" / "authorized" / "seed0" / "results.json").is_file()
+    # The same row with another protector setting cannot take the linked protector's place.
+    changed = "rows={raeg: {kind: raeg, protector: {model: {kappa: 3.0}}}}"
+    assert main([*grid_args, changed]) == 2
+    captured = capsys.readouterr()
+    assert f"{run / 'protector_raeg'}: this stage was run with another recipe" in captured.err
+    assert "spec.model.kappa" in captured.err

@@ -76,6 +76,27 @@ def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, ca
     # A third run has nothing left to do.
     assert main(args) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 10
+    for stage in ("surrogate_0", "protector", "export", "pirate_none", "authorized"):
+        assert json.loads((run / stage / "recipe.json").read_text())["hash"]
+
+    # A changed recipe is refused, naming the stage folder and the key, and nothing is
+    # touched; moving the data root (not part of any recipe) changes nothing.
+    stamp = {**_mtimes(run, "protector"), **_mtimes(run, "pirate_none")}
+    assert main([*args, "protector.model.kappa=3.0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'protector'}: this stage was run with another recipe" in err
+    assert "spec.model.kappa" in err
+    assert {**_mtimes(run, "protector"), **_mtimes(run, "pirate_none")} == stamp
+    # A pirate-only change stops at the first pirate; downstream of the protector, the
+    # recorded upstream hash catches what the stage's own sections cannot.
+    assert main([*args, "pirate.model.lr=0.1"]) == 2
+    assert f"{run / 'pirate_none'}: this stage was run" in capsys.readouterr().err
+    # Stages written before recipes were recorded are checked on their saved model section.
+    (run / "protector" / "recipe.json").unlink()
+    assert main([*args, "protector.model.label_conditioned=false"]) == 2
+    assert "spec.model.label_conditioned" in capsys.readouterr().err
+    assert main(args) == 0  # the unchanged config still reuses everything
+    assert capsys.readouterr().out.count("done before, skipped") == 10
 
 
 @pytest.mark.parametrize("config", PIPELINE_CONFIGS, ids=lambda p: p.name)

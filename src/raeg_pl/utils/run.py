@@ -79,12 +79,12 @@ def write_results(
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = Path(run_dir) / "results.json"
-    if _rank() == 0:  # under DDP every rank computes the same record; one writes it
+    if process_rank() == 0:  # under DDP every rank computes the same record; one writes it
         write_atomic_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
     return path
 
 
-def _rank() -> int:
+def process_rank() -> int:
     """This process's global rank (0 without a process group or a launcher)."""
     import torch.distributed as dist
 
