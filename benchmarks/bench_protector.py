@@ -5,7 +5,9 @@ One process, one machine, all variants measured back to back on the same batch:
 * ``full``: the training step of ProtectorLitModule (INN forward, straight-through 8-bit
   storage, INN inverse, surrogate on the defended image and on the recovered image, backward);
 * ``no_defense``: the same with the identity defence;
-* ``inn_only``: fidelity + recovery terms only (the warm-up step).
+* ``inn_only``: fidelity + recovery terms only (the warm-up step);
+* ``label_conditioned``: the full step with the label-conditioned generator (the default of
+  the experiments), reported as a ratio to the unconditioned one.
 
 Shares of the full step: INN = inn_only / full, surrogates = (no_defense - inn_only) / full,
 defence = (full - no_defense) / full. Export: protected PNG export against a plain PNG copy
@@ -65,20 +67,22 @@ def main() -> None:
     x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), generator=g).float() / 255
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
     net = InvertibleProtector(3, args.levels, args.blocks, args.hidden)
+    net_cond = InvertibleProtector(3, args.levels, args.blocks, args.hidden, num_classes=10)
     # Random (non-identity) weights, as after some training.
     with torch.no_grad():
-        for p in net.parameters():
+        for p in [*net.parameters(), *net_cond.parameters()]:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     surrogate = create_classifier(args.surrogate, 10).eval().to(memory_format=torch.channels_last)
     for p in surrogate.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opts = {id(n): torch.optim.Adam(n.parameters(), lr=1e-4) for n in (net, net_cond)}
 
-    def step(defense: str | None, adversarial: bool = True) -> None:
+    def step(defense: str | None, adversarial: bool = True, gen=net) -> None:
+        opt = opts[id(gen)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            protected = net(x)
+            protected = gen(x, y)
             stored = quantize_ste(protected)
-            recovered = net.inverse(stored)
+            recovered = gen.inverse(stored, y)
             loss = fidelity_loss(protected, x) + recovery_loss(recovered, x)
             if adversarial:
                 d = get_defense(defense or "identity")
@@ -92,6 +96,8 @@ def main() -> None:
     full = _time(lambda: step(args.defense), args.steps)
     no_def = _time(lambda: step(None), args.steps)
     inn = _time(lambda: step(None, adversarial=False), args.steps)
+    cond = _time(lambda: step(args.defense, gen=net_cond), args.steps)
+    full_again = _time(lambda: step(args.defense), args.steps)  # brackets drift in load
 
     images = torch.randint(0, 256, (args.export_images, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.arange(args.export_images) % 10
@@ -120,7 +126,9 @@ def main() -> None:
             "full": round(full, 4),
             "no_defense": round(no_def, 4),
             "inn_only": round(inn, 4),
+            "label_conditioned": round(cond, 4),
         },
+        "label_conditioned_vs_plain_step": round(cond / ((full + full_again) / 2), 3),
         "share_of_step": {
             "inn": round(inn / full, 3),
             "surrogates": round(max(0.0, no_def - inn) / full, 3),

@@ -66,11 +66,19 @@ def read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _apply(transform: Transform | None, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _apply(
+    transform: Transform | None, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     if transform is None:
         return images
+    x = images.to(device).float() / 255
     with torch.no_grad():
-        out = transform(images.to(device).float() / 255)
+        # A label-conditioned protector (or its inverse) also takes the batch's labels.
+        owner = getattr(transform, "__self__", transform)
+        if getattr(owner, "conditional", False):
+            out = transform(x, torch.as_tensor(labels).to(device))
+        else:
+            out = transform(x)
     return (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
@@ -153,7 +161,8 @@ def write_image_folder(
             outputs keep the relative path with a ``.png`` suffix, which must be unique.
         kind: ``"clean"``, ``"protected"`` or ``"recovered"``.
         transform: batch function on float images in [0, 1] (protector forward or inverse);
-            its output is rounded to 8 bits. None copies the pixels.
+            its output is rounded to 8 bits. None copies the pixels. A label-conditioned
+            protector, or its bound ``inverse``, also gets each batch's labels.
         split: split folder name inside ``out_dir``.
         batch_size: images per transform batch (and per shard unit under distribution).
         device: device of the transform (this rank's device under distribution).
@@ -212,7 +221,8 @@ def write_image_folder(
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             starts = range(0, len(images), batch_size)
             for start in list(starts)[rank::world]:
-                batch = _apply(transform, images[start : start + batch_size], device)
+                stop = start + batch_size
+                batch = _apply(transform, images[start:stop], labels[start:stop], device)
                 jobs = [(start + j, batch[j]) for j in range(len(batch))]
                 records += pool.map(lambda job: save(*job), jobs)
     except Exception as e:
