@@ -51,3 +51,77 @@ def small_folder(data_root, tmp_path) -> Path:
             for f in src:
                 shutil.copy2(f, dst / f.name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(data_root, cache_dir) -> dict:
+    """Data-module arguments of the tiny real-CIFAR-10 protector fits (2 val/test per class)."""
+    return {
+        "data_dir": str(data_root),
+        "cache_dir": str(cache_dir),
+        "download": False,
+        "val_per_class": 2,
+        "test_per_class": 2,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_surrogate(tiny_data, tmp_path_factory) -> Path:
+    """Checkpoint of a one-epoch surrogate on 50 real CIFAR-10 images (trained once)."""
+    from raeg_pl.pipeline import train_classifier
+
+    stage = tmp_path_factory.mktemp("tiny_surrogate")
+    train_classifier(
+        stage,
+        {"arch": "resnet_tiny_cifar", "lr": 0.2},
+        {**tiny_data, "train_per_class": 5, "batch_size": 50},
+        {"accelerator": "cpu", "enable_progress_bar": False},
+        1,
+        seed=0,
+    )
+    return stage / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture()
+def fit_tiny_protector(tiny_data, tiny_surrogate, tmp_path):
+    """Fits a small ProtectorLitModule for 3 steps on 40 real images; returns
+    ``(model, trainer, datamodule)``. Keyword arguments go to the module, except
+    ``validate`` (run one validation batch per epoch), ``precision`` and ``before_fit``
+    (called with the module before training)."""
+    import lightning as L
+
+    from raeg_pl.data import ImageClassificationDataModule
+    from raeg_pl.lit.protector import ProtectorLitModule
+
+    def fit(validate: bool = False, precision: str = "32-true", before_fit=None, **model_kwargs):
+        L.seed_everything(0)
+        dm = ImageClassificationDataModule(
+            **{**tiny_data, "train_per_class": 4, "batch_size": 20, "augment": False}
+        )
+        kwargs = {
+            "psnr_target": None,
+            "warmup_steps": 1,
+            "adv_ramp_steps": 1,
+            "train_defenses": [],
+            "eval_defenses": ["none"],
+            "grid_images": 0,
+            **model_kwargs,
+        }
+        model = ProtectorLitModule([str(tiny_surrogate)], **kwargs)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            precision=precision,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=1 if validate else 0,
+            default_root_dir=str(tmp_path / "protector"),
+        )
+        if before_fit is not None:
+            before_fit(model)
+        trainer.fit(model, datamodule=dm)
+        return model, trainer, dm
+
+    return fit

@@ -6,7 +6,6 @@ real CIFAR-10, the ``generator`` switch of ProtectorLitModule and checkpoint rel
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,6 @@ from raeg_pl.models.encdec import (
     protector_from_config,
 )
 from raeg_pl.models.protector import InvertibleProtector
-from raeg_pl.pipeline import train_classifier
 
 # Multiples of 2**levels, odd sizes, a single pixel, and sides smaller than the padding.
 SIZES = [(32, 32), (33, 47), (17, 17), (1, 1), (5, 40)]
@@ -193,53 +191,11 @@ def test_bad_generator_name_is_refused() -> None:
 
 
 @pytest.mark.data
-def test_lit_module_trains_encdec_and_checkpoint_reloads(data_root, cache_dir, tmp_path) -> None:
-    data = {
-        "data_dir": str(data_root),
-        "cache_dir": str(cache_dir),
-        "download": False,
-        "val_per_class": 2,
-        "test_per_class": 2,
-    }
-    train_classifier(
-        tmp_path / "surrogate",
-        {"arch": "resnet_tiny_cifar", "lr": 0.2},
-        {**data, "train_per_class": 5, "batch_size": 50},
-        {"accelerator": "cpu", "enable_progress_bar": False},
-        1,
-        seed=0,
-    )
-    surrogate = tmp_path / "surrogate" / "checkpoints" / "last.ckpt"
-    L.seed_everything(0)
-    dm = ImageClassificationDataModule(
-        **{**data, "train_per_class": 4, "batch_size": 20, "augment": False}
-    )
-    model = ProtectorLitModule(
-        [str(surrogate)],
-        generator="encdec",
-        levels=1,
-        blocks_per_level=1,
-        hidden_channels=8,
-        psnr_target=None,
-        warmup_steps=1,
-        adv_ramp_steps=1,
-        train_defenses=[],
-        eval_defenses=["none"],
-        grid_images=0,
+def test_lit_module_trains_encdec_and_checkpoint_reloads(fit_tiny_protector, tmp_path) -> None:
+    model, trainer, dm = fit_tiny_protector(
+        precision="bf16-mixed", generator="encdec", levels=1, blocks_per_level=1, hidden_channels=8
     )
     assert isinstance(model.protector, EncoderDecoderProtector)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        precision="bf16-mixed",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path / "protector"),
-    )
-    trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 3 and model.recoveries == 0
     # Both U-Nets moved away from the identity (their output convolutions start at zero).
     assert model.protector.encoder.head.weight.abs().sum() > 0

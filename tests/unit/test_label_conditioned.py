@@ -3,17 +3,13 @@ RAEG method's protect/recover with labels, and the key files that refuse it."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from raeg_pl.data import ImageClassificationDataModule
 from raeg_pl.io.keyfile import KeyFileError, export_key, load_key, load_protector_checkpoint
-from raeg_pl.lit.protector import ProtectorLitModule
 from raeg_pl.methods.raeg import RAEGMethod
 from raeg_pl.models.encdec import create_protector
 from raeg_pl.models.protector import InvertibleProtector
-from raeg_pl.pipeline import train_classifier
 
 
 def _perturb(model: torch.nn.Module, scale: float = 0.01, seed: int = 0) -> None:
@@ -82,54 +78,19 @@ def test_key_files_refuse_label_conditioned_protectors(tmp_path) -> None:
 
 
 @pytest.mark.data
-def test_lit_module_trains_a_label_conditioned_protector(data_root, cache_dir, tmp_path) -> None:
-    data = {
-        "data_dir": str(data_root),
-        "cache_dir": str(cache_dir),
-        "download": False,
-        "val_per_class": 2,
-        "test_per_class": 2,
-    }
-    train_classifier(
-        tmp_path / "surrogate",
-        {"arch": "resnet_tiny_cifar", "lr": 0.2},
-        {**data, "train_per_class": 5, "batch_size": 50},
-        {"accelerator": "cpu", "enable_progress_bar": False},
-        1,
-        seed=0,
-    )
-    L.seed_everything(0)
-    dm = ImageClassificationDataModule(
-        **{**data, "train_per_class": 4, "batch_size": 20, "augment": False}
-    )
-    model = ProtectorLitModule(
-        [str(tmp_path / "surrogate" / "checkpoints" / "last.ckpt")],
+def test_lit_module_trains_a_label_conditioned_protector(fit_tiny_protector, tmp_path) -> None:
+    initial = {}
+    model, trainer, dm = fit_tiny_protector(
+        validate=True,
+        before_fit=lambda m: initial.update(embed=m.protector.embed.weight.detach().clone()),
         levels=2,
         blocks_per_level=1,
         hidden_channels=8,
         label_conditioned=True,
-        psnr_target=None,
-        warmup_steps=1,
-        adv_ramp_steps=1,
-        train_defenses=[],
-        eval_defenses=["none"],
-        grid_images=0,
     )
     assert model.protector.conditional and model.protector.num_classes == 10
-    before = model.protector.embed.weight.detach().clone()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        default_root_dir=str(tmp_path / "protector"),
-    )
-    trainer.fit(model, datamodule=dm)
+    assert not torch.equal(model.protector.embed.weight.detach(), initial["embed"])  # it learns
     assert trainer.global_step == 3 and model.recoveries == 0
-    assert not torch.equal(model.protector.embed.weight.detach(), before)  # it learns
     assert "val/psnr_recovered" in trainer.callback_metrics
 
     ckpt = tmp_path / "protector.ckpt"
