@@ -484,6 +484,12 @@ def main(args: list[str]) -> int:
     ap.add_argument("--tables", default=None, help="build the tables into this folder afterwards")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. seeds=[0,1,2]")
     ap.add_argument("--check", action="store_true", help="only validate the config and exit")
+    ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="only record this table's plan in the folder's grid.json (what raeg table counts "
+        "as planned) and exit; e.g. after jobs that ran parts of it with overrides",
+    )
     ns = ap.parse_args(args)
     cfg = load_grid_config(ns.config, ns.overrides)
     grid = Grid(cfg, ns.run_dir, rows=ns.rows, archs=ns.archs, defenses=ns.defenses)
@@ -493,6 +499,11 @@ def main(args: list[str]) -> int:
         return 2
     if ns.check:
         print(f"raeg grid: {ns.config}: valid ({len(grid.plan()['rows'])} rows)", flush=True)
+        return 0
+    if ns.plan:
+        grid.run_dir.mkdir(parents=True, exist_ok=True)
+        grid.write_plan()
+        print(f"raeg grid: plan of table {grid.table!r} written to {grid.run_dir / 'grid.json'}")
         return 0
     try:
         grid.run()

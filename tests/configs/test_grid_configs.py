@@ -84,3 +84,22 @@ def test_a_misspelt_setting_is_reported(override, problem):
         return
     problems = validate_grid_config(cfg)
     assert any(problem in p for p in problems), problems
+
+
+def test_plan_flag_records_each_tables_plan_without_running(tmp_path, capsys):
+    import json
+
+    from raeg_pl.cli import main
+
+    run = tmp_path / "grid"
+    for table in ("main", "robustness"):
+        config = REPO / "experiments" / table / "quick.yaml"
+        assert main(["grid", "--config", str(config), "--run_dir", str(run), "--plan"]) == 0
+    plan = json.loads((run / "grid.json").read_text())
+    assert set(plan["tables"]) == {"main", "robustness"}
+    assert plan["tables"]["main"]["seeds"] == [0, 1] and plan["tables"]["robustness"]["seeds"] == [
+        0
+    ]
+    assert "adv_train:eps=6,steps=2" in plan["defenses"]  # the union of both tables
+    assert sorted(p.name for p in run.iterdir()) == ["grid.json"]  # nothing else ran
+    assert "plan of table 'robustness' written" in capsys.readouterr().out
