@@ -269,7 +269,8 @@ def test_ddp_protector_fit_matches_one_process(
     # the first update agrees to <0.2% of its size (cancelling sums of near-zero gradients
     # set that scale); after 30 steps the weights are 10-30% of their movement apart and the
     # validation figures 0.1-0.3 dB and 1-3 images, as far as a one-process run drifts on 2
-    # threads instead of 1. The tolerances leave 2-5x room over those gaps.
+    # threads instead of 1 (SSIM up to 0.011 apart with one thread per process). The
+    # tolerances leave 2-5x room over those gaps.
     w1, w2 = (torch.load(tmp_path / n / "trace.pt") for n in ("one", "two"))
     assert torch.equal(w1[0], w2[0])
     first_update = (w1[1] - w1[0]).abs().max()
@@ -280,7 +281,7 @@ def test_ddp_protector_fit_matches_one_process(
     tolerance = {
         "val/psnr_protected": 0.5,
         "val/psnr_recovered": 1.0,
-        "val/ssim_protected": 0.01,
+        "val/ssim_protected": 0.025,
         "val/surrogate_acc_clean": 0.0,  # the surrogate is frozen
         "val/surrogate_acc_protected/none": 0.06,
         "val/target_hit_rate": 0.06,
