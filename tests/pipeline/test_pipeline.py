@@ -25,6 +25,9 @@ TINY = [
     "protector.max_epochs=1",
     "protector.model.warmup_steps=1",
     "protector.model.adv_ramp_steps=2",
+    # A 4-step fit at the quick learning rate can throw the protected images far (< 15 dB),
+    # where clipping at 0/255 limits recovery; a smaller rate keeps this test's checks stable.
+    "protector.model.lr=1e-4",
     "pirate.max_epochs=1",
     "pirate.data.val_per_class=2",
 ]
