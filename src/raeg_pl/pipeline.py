@@ -26,7 +26,6 @@ config can never silently mix old and new results in one run directory.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ import yaml
 
 from raeg_pl.data.datamodule import ImageClassificationDataModule, apply_defense_uint8
 from raeg_pl.utils.files import write_atomic_text
-from raeg_pl.utils.run import process_rank, to_float_dict, write_results
+from raeg_pl.utils.run import config_hash, process_rank, to_float_dict, write_results
 from raeg_pl.utils.trainer import (
     end_wandb_run,
     flatten_config,
@@ -146,12 +145,6 @@ def normalise_recipe(recipe: Any) -> Any:
     if isinstance(recipe, (list, tuple)):
         return [normalise_recipe(v) for v in recipe]
     return json.loads(json.dumps(recipe, default=str))
-
-
-def recipe_hash(recipe: Any) -> str:
-    """Short SHA-256 of a normalised recipe (sorted-key JSON)."""
-    text = json.dumps(normalise_recipe(recipe), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def recipe_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -285,7 +278,7 @@ class Pipeline:
         (the ``model`` section), which catches a changed architecture or loss setting.
         """
         rec = normalise_recipe(recipe)
-        digest = recipe_hash(rec)
+        digest = config_hash(json.dumps(rec, sort_keys=True))
         self.recipes[name] = digest
         path = stage_dir / STAGE_RECIPE
         diff: list[str] = []

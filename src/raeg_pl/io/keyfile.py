@@ -69,7 +69,7 @@ def save_key(net: InvertibleProtector, out_path: str | os.PathLike) -> str:
 
 
 def _require_unconditioned(net: InvertibleProtector, path: Path) -> InvertibleProtector:
-    if getattr(net, "conditional", False):
+    if net.conditional:
         raise KeyFileError(
             f"{path}: this protector is conditioned on class labels; key files and the folder "
             "tools serve unlabelled folders and hold unconditioned protectors only (protect "
