@@ -8,7 +8,7 @@ import torch
 
 from raeg_pl.io.keyfile import KeyFileError, export_key, load_key, load_protector_checkpoint
 from raeg_pl.methods.raeg import RAEGMethod
-from raeg_pl.models.encdec import create_protector
+from raeg_pl.models.encdec import create_protector, protector_from_config
 from raeg_pl.models.protector import InvertibleProtector
 
 
@@ -31,9 +31,24 @@ def _checkpoint(net: InvertibleProtector, path) -> None:
     )
 
 
-def test_encoder_decoder_cannot_be_label_conditioned() -> None:
-    with pytest.raises(ValueError, match="invertible generator only"):
-        create_protector("encdec", num_classes=10)
+def test_encoder_decoder_is_label_conditioned_like_the_invertible_generator() -> None:
+    # The ablation row that swaps the generator keeps the rest of the recipe, conditioning
+    # included.
+    net = create_protector("encdec", levels=1, blocks_per_level=1, hidden_channels=8, num_classes=3)
+    assert net.conditional and net.config["num_classes"] == 3
+    assert protector_from_config(net.config).conditional
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(4, 3, 10, 12)
+    y0 = net(x, torch.zeros(4, dtype=torch.long))
+    y1 = net(x, torch.ones(4, dtype=torch.long))
+    assert y0.shape == x.shape and not torch.allclose(y0, y1)
+    assert not torch.allclose(net.inverse(y0, torch.zeros(4)), net.inverse(y0, torch.ones(4)))
+    with pytest.raises(ValueError, match="conditioned on the class label"):
+        net(x)
+    with pytest.raises(ValueError, match="labels must lie"):
+        net(x, torch.full((4,), 3))
 
 
 def test_raeg_method_protects_and_recovers_with_labels(tmp_path) -> None:

@@ -88,7 +88,7 @@ class ProtectorLitModule(L.LightningModule):
         hidden_channels: width of the coupling sub-networks (minimum U-Net width for
             ``"encdec"``).
         clamp: soft clamp of the coupling log-scales (``"invertible"`` only).
-        label_conditioned: condition the invertible generator on the class label (a design
+        label_conditioned: condition the generator (either kind) on the class label (a design
             option beyond the paper, see :class:`~raeg_pl.models.protector.InvertibleProtector`);
             protecting and restoring then need the labels.
         cond_channels: width of the label embedding when ``label_conditioned``.

@@ -61,18 +61,24 @@ class _ResidualUNet(nn.Module):
     on the other images of its batch, and training and evaluation compute the same function.
     The output convolution is zero-initialised, so ``r`` is exactly zero at construction.
 
+    A label condition, when given, is a (B, cond_channels, 1, 1) embedding broadcast over the
+    positions and concatenated to the image at the stem.
+
     Args:
         in_channels: image channels C.
         widths: feature channels per level, ``widths[0]`` at full resolution, ``levels + 1``
             entries.
         blocks_per_level: residual blocks per level and path.
+        cond_channels: channels of the label condition (0: none).
     """
 
-    def __init__(self, in_channels: int, widths: list[int], blocks_per_level: int) -> None:
+    def __init__(
+        self, in_channels: int, widths: list[int], blocks_per_level: int, cond_channels: int = 0
+    ) -> None:
         super().__init__()
         levels = len(widths) - 1
         self.act = nn.LeakyReLU(0.2)
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(in_channels + cond_channels, widths[0], 3, padding=1)
         self.enc = nn.ModuleList(
             nn.Sequential(*[_ResidualBlock(widths[lv]) for _ in range(blocks_per_level)])
             for lv in range(levels)
@@ -97,8 +103,13 @@ class _ResidualUNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual (B, C, H, W) of (B, C, H, W) ``x``; H and W multiples of ``2**levels``."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual (B, C, H, W) of (B, C, H, W) ``x``; H and W multiples of ``2**levels``.
+
+        ``cond``: (B, cond_channels, 1, 1) label embedding, or None when unconditioned.
+        """
+        if cond is not None:
+            x = torch.cat([x, cond.expand(-1, -1, *x.shape[-2:])], dim=1)
         z = self.act(self.stem(x))
         skips = []
         for blocks, down in zip(self.enc, self.down):
@@ -140,11 +151,18 @@ class EncoderDecoderProtector(nn.Module):
     All computation is float32 with autocast disabled, as in :class:`InvertibleProtector`,
     so that the ablation compares architectures at the same numerical precision.
 
+    **Label conditioning** (``num_classes > 0``) mirrors the invertible generator's: a learned
+    class embedding is an extra input of both U-Nets, so the ablation row that swaps the
+    generator changes nothing else in the recipe. Both :meth:`forward` and :meth:`inverse`
+    then need the labels.
+
     Args:
         in_channels: image channels C (3 for RGB).
         levels: number of stride-2 downsamplings of each U-Net.
         blocks_per_level: residual blocks per level and path of each U-Net.
         hidden_channels: minimum feature width of every level.
+        num_classes: classes of the label condition (0: unconditioned).
+        cond_channels: width of the label embedding (used when ``num_classes > 0``).
     """
 
     def __init__(
@@ -153,10 +171,16 @@ class EncoderDecoderProtector(nn.Module):
         levels: int = 2,
         blocks_per_level: int = 4,
         hidden_channels: int = 32,
+        num_classes: int = 0,
+        cond_channels: int = 8,
     ) -> None:
         super().__init__()
         if levels < 1 or blocks_per_level < 1 or in_channels < 1 or hidden_channels < 1:
             raise ValueError("in_channels, levels, blocks_per_level, hidden_channels must be >= 1")
+        if num_classes < 0 or (num_classes and cond_channels < 1):
+            raise ValueError(
+                f"need num_classes >= 0 and cond_channels >= 1, got {num_classes}, {cond_channels}"
+            )
         self._config: dict[str, Any] = {
             "generator": "encdec",
             "in_channels": int(in_channels),
@@ -164,11 +188,19 @@ class EncoderDecoderProtector(nn.Module):
             "blocks_per_level": int(blocks_per_level),
             "hidden_channels": int(hidden_channels),
         }
+        if num_classes:
+            # As in InvertibleProtector: only conditioned networks carry these keys.
+            self._config |= {"num_classes": int(num_classes), "cond_channels": int(cond_channels)}
         self.in_channels = in_channels
         self.levels = levels
+        self.num_classes = int(num_classes)
+        cc = int(cond_channels) if num_classes else 0
+        # One embedding per U-Net: the decoder must not rely on the encoder's parameters.
+        self.embed_enc = nn.Embedding(num_classes, cc) if num_classes else None
+        self.embed_dec = nn.Embedding(num_classes, cc) if num_classes else None
         widths = [max(hidden_channels, in_channels * 4**lv) for lv in range(levels + 1)]
-        self.encoder = _ResidualUNet(in_channels, widths, blocks_per_level)
-        self.decoder = _ResidualUNet(in_channels, widths, blocks_per_level)
+        self.encoder = _ResidualUNet(in_channels, widths, blocks_per_level, cc)
+        self.decoder = _ResidualUNet(in_channels, widths, blocks_per_level, cc)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -189,8 +221,40 @@ class EncoderDecoderProtector(nn.Module):
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def _apply_residual(self, net: _ResidualUNet, x: torch.Tensor) -> torch.Tensor:
-        """``x + net(x)`` on (B, C, H, W) ``x`` of any size, in float32."""
+    @property
+    def conditional(self) -> bool:
+        """Whether the map depends on a class label (``num_classes > 0``)."""
+        return self.num_classes > 0
+
+    def _condition(
+        self, embed: nn.Embedding | None, labels: torch.Tensor | None, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The (B, cond_channels, 1, 1) label embedding (None when unconditioned)."""
+        if embed is None:
+            return None
+        if labels is None:
+            raise ValueError(
+                f"this protector is conditioned on the class label ({self.num_classes} "
+                "classes): pass the images' labels to forward and inverse"
+            )
+        labels = torch.as_tensor(labels, device=x.device).reshape(-1).long()
+        if labels.numel() != x.shape[0]:
+            raise ValueError(f"got {labels.numel()} labels for {x.shape[0]} images")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        return embed(labels).float()[:, :, None, None]
+
+    def _apply_residual(
+        self,
+        net: _ResidualUNet,
+        embed: nn.Embedding | None,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``x + net(x | y)`` on (B, C, H, W) ``x`` of any size, in float32."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected a (B, {self.in_channels}, H, W) tensor, got shape {tuple(x.shape)}"
@@ -200,25 +264,23 @@ class EncoderDecoderProtector(nn.Module):
         pad_h, pad_w = (-h) % mult, (-w) % mult
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
+            cond = self._condition(embed, labels, x)
             padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
-            return x + net(padded)[..., :h, :w]
-
-    #: The encoder-decoder is never label-conditioned; callers may pass labels regardless.
-    conditional = False
-    num_classes = 0
+            return x + net(padded, cond)[..., :h, :w]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Protect images with the encoder: ``x_p = x + r_enc(x)``.
 
         Args:
             x: (B, C, H, W) images, nominally float in [0, 1]; any size and dtype.
-            labels: ignored (the interface of :class:`InvertibleProtector`).
+            labels: (B,) int class labels; required by a conditioned protector, ignored
+                otherwise.
 
         Returns:
             (B, C, H, W) float32 protected images. Not clamped: values may leave [0, 1]
             slightly; the training loss penalises that and storage quantises them.
         """
-        return self._apply_residual(self.encoder, x)
+        return self._apply_residual(self.encoder, self.embed_enc, x, labels)
 
     def inverse(self, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Recover images with the decoder: ``x_r = y + r_dec(y)``.
@@ -228,12 +290,13 @@ class EncoderDecoderProtector(nn.Module):
 
         Args:
             y: (B, C, H, W) protected images, any size and dtype.
-            labels: ignored (the interface of :class:`InvertibleProtector`).
+            labels: (B,) int class labels, the ones given to :meth:`forward`; required by a
+                conditioned protector, ignored otherwise.
 
         Returns:
             (B, C, H, W) float32 recovered images (not clamped).
         """
-        return self._apply_residual(self.decoder, y)
+        return self._apply_residual(self.decoder, self.embed_dec, y, labels)
 
 
 def create_protector(
@@ -257,12 +320,11 @@ def create_protector(
         hidden_channels: width of the coupling sub-networks, or minimum U-Net width.
         clamp: soft clamp of the coupling log-scales; the encoder-decoder has none and
             ignores it.
-        num_classes: label conditioning of the invertible generator (0: none).
-        cond_channels: width of its label embedding.
+        num_classes: label conditioning (0: none).
+        cond_channels: width of the label embedding.
 
     Raises:
-        ValueError: ``generator`` is not one of :data:`GENERATORS`, or label conditioning
-            was asked of the encoder-decoder.
+        ValueError: ``generator`` is not one of :data:`GENERATORS`.
     """
     if generator == "invertible":
         return InvertibleProtector(
@@ -275,9 +337,9 @@ def create_protector(
             cond_channels,
         )
     if generator == "encdec":
-        if num_classes:
-            raise ValueError("label conditioning is implemented for the invertible generator only")
-        return EncoderDecoderProtector(in_channels, levels, blocks_per_level, hidden_channels)
+        return EncoderDecoderProtector(
+            in_channels, levels, blocks_per_level, hidden_channels, num_classes, cond_channels
+        )
     raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
 
 
