@@ -1,12 +1,19 @@
 """Tests of the label-conditioned protector option end to end: training, checkpoints, the
-RAEG method's protect/recover with labels, and the key files that refuse it."""
+RAEG method's protect/recover with labels, and key files that carry it with its class names."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raeg_pl.io.keyfile import KeyFileError, export_key, load_key, load_protector_checkpoint
+from raeg_pl.io.keyfile import (
+    KeyFileError,
+    export_key,
+    load_key,
+    load_protector_checkpoint,
+    read_key,
+    save_key,
+)
 from raeg_pl.methods.raeg import RAEGMethod
 from raeg_pl.models.encdec import create_protector, protector_from_config
 from raeg_pl.models.protector import InvertibleProtector
@@ -78,18 +85,47 @@ def test_raeg_method_protects_and_recovers_with_labels(tmp_path) -> None:
         method.recover(protected)
 
 
-def test_key_files_refuse_label_conditioned_protectors(tmp_path) -> None:
+def test_key_files_hold_label_conditioned_protectors_with_their_classes(tmp_path) -> None:
     net = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4, num_classes=3)
+    _perturb(net, 0.01)
     _checkpoint(net, tmp_path / "cond.ckpt")
-    with pytest.raises(KeyFileError, match=r"cond\.ckpt: this protector is conditioned"):
+    # Without class names a conditioned key could not label folders: refused, nothing written.
+    with pytest.raises(KeyFileError, match=r"cond\.ckpt: the protector is conditioned on 3"):
         export_key(tmp_path / "cond.ckpt", tmp_path / "cond.raegkey")
     assert not (tmp_path / "cond.raegkey").exists()
-    # A key file carrying one anyway (written by hand) is refused on load too.
+    with pytest.raises(KeyFileError, match=r"has 3 classes but 2 class names"):
+        export_key(tmp_path / "cond.ckpt", tmp_path / "cond.raegkey", classes=["a", "b"])
+    with pytest.raises(KeyFileError, match=r"distinct"):
+        export_key(tmp_path / "cond.ckpt", tmp_path / "cond.raegkey", classes=["a", "a", "b"])
+
+    names = ["cat", "dog", "frog"]
+    fingerprint = export_key(tmp_path / "cond.ckpt", tmp_path / "cond.raegkey", classes=names)
+    key = read_key(tmp_path / "cond.raegkey")
+    assert key.conditional and key.classes == tuple(names) and key.fingerprint == fingerprint
+    assert load_key(tmp_path / "cond.raegkey").fingerprint() == net.fingerprint()
+    # Re-exporting a key keeps its classes; a checkpoint that carries them needs none.
+    export_key(tmp_path / "cond.raegkey", tmp_path / "again.raegkey")
+    assert read_key(tmp_path / "again.raegkey").classes == tuple(names)
+    blob = torch.load(tmp_path / "cond.ckpt", weights_only=False)
+    blob["classes"] = ["x", "y", "z"]
+    torch.save(blob, tmp_path / "named.ckpt")
+    export_key(tmp_path / "named.ckpt", tmp_path / "named.raegkey")
+    assert read_key(tmp_path / "named.raegkey").classes == ("x", "y", "z")
+
+    # A hand-made key without class names, or with an edited version, is refused on load.
     from raeg_pl.io.keyfile import key_blob
 
     torch.save(key_blob(net), tmp_path / "hand.raegkey")
     with pytest.raises(KeyFileError, match=r"hand\.raegkey: this protector is conditioned"):
         load_key(tmp_path / "hand.raegkey")
+    torch.save(key_blob(net, names) | {"version": 1}, tmp_path / "v1.raegkey")
+    with pytest.raises(KeyFileError, match=r"v1\.raegkey: key file version 1 does not match"):
+        load_key(tmp_path / "v1.raegkey")
+    # Unconditioned keys stay version 1 and ignore classes.
+    plain = InvertibleProtector(levels=1, blocks_per_level=1, hidden_channels=4)
+    save_key(plain, tmp_path / "plain.raegkey", classes=["ignored"])
+    assert torch.load(tmp_path / "plain.raegkey", weights_only=True)["version"] == 1
+    assert read_key(tmp_path / "plain.raegkey").classes == ()
 
 
 @pytest.mark.data

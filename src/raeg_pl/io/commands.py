@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-key", help="write a standalone key file from a protector checkpoint")
     p.add_argument("--checkpoint", required=True, help="ProtectorLitModule checkpoint or key file")
     p.add_argument("--out", required=True, help="key file to write")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="label-conditioned protector: comma-separated class names in label order, or a "
+        "class-folder dataset root whose sorted subfolder names are the classes",
+    )
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
@@ -78,6 +84,18 @@ def _print(summary: FolderSummary, as_json: bool) -> int:
     return EXIT_OK if summary.ok else EXIT_FILES
 
 
+def _classes_arg(value: str | None) -> list[str] | None:
+    """``--classes``: a class-folder root (its sorted subfolders) or comma-separated names."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    root = Path(value)
+    if root.is_dir():
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [c.strip() for c in value.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; ``argv`` starts with the command name. Returns the exit code."""
     try:
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-key":
             from raeg_pl.io.keyfile import export_key
 
-            fingerprint = export_key(args.checkpoint, args.out)
+            fingerprint = export_key(args.checkpoint, args.out, _classes_arg(args.classes))
             print(f"wrote key {args.out} (fingerprint {fingerprint})")
             return EXIT_OK
         if args.command in ("protect", "restore") and args.batch_size < 1:

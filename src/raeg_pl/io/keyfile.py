@@ -1,16 +1,21 @@
 """Protector key files: the trained generator as one standalone file.
 
 A key file is what a dataset owner keeps (and gives to authorised users) to protect and
-restore image folders. It holds the network and nothing else, so it loads without Lightning,
-the training config or the surrogate classifier::
+restore image folders. It holds the network (and, for a label-conditioned protector, the
+class names in training index order) and nothing else, so it loads without Lightning, the
+training config or the surrogate classifier::
 
     torch.save({
         "format": "raeg-key",
-        "version": 1,
-        "config": net.config,            # InvertibleProtector(**config) rebuilds it
+        "version": 1,                      # 2 for a label-conditioned protector
+        "config": net.config,              # InvertibleProtector(**config) rebuilds it
         "state_dict": net.state_dict(),
         "fingerprint": net.fingerprint(),  # SHA-256 of config + every tensor
+        "classes": ["airplane", ...],      # version 2 only: label i is classes[i]
     })
+
+Unconditioned keys stay version 1, so raeg_pl releases that predate conditioned keys keep
+reading them; those releases refuse a version-2 key by its version instead of misusing it.
 
 :func:`load_key` reads it with ``torch.load(weights_only=True)`` (no arbitrary pickles) and
 checks the stored fingerprint against the rebuilt network, so a damaged or edited key is
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +37,124 @@ from raeg_pl.models.encdec import EncoderDecoderProtector, protector_from_config
 from raeg_pl.models.protector import InvertibleProtector
 from raeg_pl.utils.files import write_atomic
 
-__all__ = ["KEY_FORMAT", "KEY_VERSION", "KeyFileError", "export_key", "load_key", "save_key"]
+__all__ = [
+    "KEY_FORMAT",
+    "KEY_VERSION",
+    "KEY_VERSION_CONDITIONED",
+    "KeyFileError",
+    "ProtectorKey",
+    "export_key",
+    "load_key",
+    "read_key",
+    "save_key",
+]
 
 KEY_FORMAT = "raeg-key"
 KEY_VERSION = 1
+KEY_VERSION_CONDITIONED = 2
 
 
 class KeyFileError(ValueError):
     """A file is not a usable key file (or checkpoint); the message names the file."""
 
 
-def key_blob(net: InvertibleProtector) -> dict[str, Any]:
-    """The key-file dict of a protector (tensors moved to CPU)."""
-    return {
+@dataclass(frozen=True)
+class ProtectorKey:
+    """A loaded key: the protector and, when it is label-conditioned, its class names.
+
+    Attributes:
+        net: the protector, eval mode, on CPU.
+        classes: class names in label index order (``classes[i]`` is label ``i``); empty
+            for an unconditioned protector.
+        path: the key file it was read from.
+    """
+
+    net: InvertibleProtector
+    classes: tuple[str, ...]
+    path: Path
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the protector needs each image's class label."""
+        return self.net.conditional
+
+    @property
+    def fingerprint(self) -> str:
+        """The protector's fingerprint (SHA-256 of its config and weights)."""
+        return self.net.fingerprint()
+
+
+def _check_classes(net: InvertibleProtector, classes: Any, where: str) -> tuple[str, ...]:
+    """The class names a key of ``net`` stores, checked against its label count."""
+    if not net.conditional:
+        return ()
+    if classes is None:
+        raise KeyFileError(
+            f"{where}: the protector is conditioned on {net.num_classes} class labels but no "
+            "class names were given (pass classes=[...] / --classes, in the training label "
+            "order); a key must name its classes so folders can be labelled"
+        )
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise KeyFileError(f"{where}: classes must be a list of names, got {type(classes)}")
+    names = tuple(str(c) for c in classes)
+    if len(names) != net.num_classes:
+        raise KeyFileError(
+            f"{where}: the protector has {net.num_classes} classes but {len(names)} class "
+            f"names were given ({list(names)[:12]})"
+        )
+    bad = [c for c in names if not c or c != c.strip() or "/" in c or "\\" in c]
+    if bad or len(set(names)) != len(names):
+        raise KeyFileError(
+            f"{where}: class names must be distinct, non-empty folder names without slashes "
+            f"or surrounding spaces, got {list(names)}"
+        )
+    return names
+
+
+def key_blob(net: InvertibleProtector, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The key-file dict of a protector (tensors moved to CPU).
+
+    A conditioned protector's key is version 2 and carries ``classes``; pass them here
+    (a conditioned ``net`` without them gives a version-2 dict without classes, which
+    :func:`load_key` refuses).
+    """
+    blob = {
         "format": KEY_FORMAT,
-        "version": KEY_VERSION,
+        "version": KEY_VERSION_CONDITIONED if net.conditional else KEY_VERSION,
         "config": net.config,
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "fingerprint": net.fingerprint(),
     }
+    if net.conditional and classes is not None:
+        blob["classes"] = [str(c) for c in classes]
+    return blob
 
 
-def save_key(net: InvertibleProtector, out_path: str | os.PathLike) -> str:
+def save_key(
+    net: InvertibleProtector,
+    out_path: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+) -> str:
     """Writes ``net`` as a key file, atomically (temporary file, then rename).
 
     Args:
         net: the protector to store.
         out_path: key file path (parent folders are created).
+        classes: class names in label index order; required when ``net`` is
+            label-conditioned (one per class), ignored otherwise.
 
     Returns:
         The network's fingerprint.
+
+    Raises:
+        KeyFileError: a conditioned ``net`` without matching class names.
     """
-    blob = key_blob(net)
+    names = _check_classes(net, classes, str(out_path))
+    blob = key_blob(net, names or None)
     buf = io.BytesIO()
     torch.save(blob, buf)
     write_atomic(Path(out_path), buf.getvalue(), fsync=True)
     return blob["fingerprint"]
-
-
-def _require_unconditioned(net: InvertibleProtector, path: Path) -> InvertibleProtector:
-    if net.conditional:
-        raise KeyFileError(
-            f"{path}: this protector is conditioned on class labels; key files and the folder "
-            "tools serve unlabelled folders and hold unconditioned protectors only (protect "
-            "and restore a labelled dataset with the pipeline's export instead)"
-        )
-    return net
 
 
 def _rebuild(config: Any, state_dict: Any, path: Path) -> InvertibleProtector:
@@ -86,7 +165,7 @@ def _rebuild(config: Any, state_dict: Any, path: Path) -> InvertibleProtector:
         net.load_state_dict(state_dict, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise KeyFileError(f"{path}: the stored weights do not fit the stored config ({e})") from e
-    return _require_unconditioned(net, path).eval()
+    return net.eval()
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
@@ -106,11 +185,22 @@ def load_key(path: str | os.PathLike) -> InvertibleProtector:
 
     Returns:
         The protector; ``forward`` protects and ``inverse`` restores (B, 3, H, W) float
-        images in [0, 1] of any size.
+        images in [0, 1] of any size (a conditioned one also takes (B,) labels; its class
+        names are in :func:`read_key`'s result).
 
     Raises:
         KeyFileError: the file is missing, is not a key file (a Lightning checkpoint, any
             other file), has an unknown version, or its fingerprint does not match its weights.
+    """
+    return read_key(path).net
+
+
+def read_key(path: str | os.PathLike) -> ProtectorKey:
+    """Loads a key file: the protector (eval mode, CPU) and its class names.
+
+    Raises:
+        KeyFileError: as :func:`load_key`; also a conditioned protector without valid class
+            names, or a version that does not match whether the protector is conditioned.
     """
     path = Path(path)
     blob = _torch_load(path, weights_only=True)
@@ -119,10 +209,11 @@ def load_key(path: str | os.PathLike) -> InvertibleProtector:
         if isinstance(blob, dict) and "protector_config" in blob:
             hint = " (this is a training checkpoint: convert it with `raeg export-key`)"
         raise KeyFileError(f"{path}: not a RAEG key file{hint}")
-    if blob.get("version") != KEY_VERSION:
+    version = blob.get("version")
+    if version not in (KEY_VERSION, KEY_VERSION_CONDITIONED):
         raise KeyFileError(
-            f"{path}: key file version {blob.get('version')!r} is not supported "
-            f"(this raeg_pl reads version {KEY_VERSION})"
+            f"{path}: key file version {version!r} is not supported "
+            f"(this raeg_pl reads versions {KEY_VERSION} and {KEY_VERSION_CONDITIONED})"
         )
     net = _rebuild(blob.get("config"), blob.get("state_dict"), path)
     if net.fingerprint() != blob.get("fingerprint"):
@@ -131,7 +222,17 @@ def load_key(path: str | os.PathLike) -> InvertibleProtector:
             f"(stored {str(blob.get('fingerprint'))[:16]}..., weights give "
             f"{net.fingerprint()[:16]}...)"
         )
-    return net
+    if net.conditional != (version == KEY_VERSION_CONDITIONED):
+        raise KeyFileError(
+            f"{path}: key file version {version} does not match its protector, which is "
+            f"{'' if net.conditional else 'not '}conditioned on class labels"
+        )
+    if net.conditional and "classes" not in blob:
+        raise KeyFileError(
+            f"{path}: this protector is conditioned on class labels but the key names no "
+            "classes; re-export it with export_key(..., classes=[...])"
+        )
+    return ProtectorKey(net, _check_classes(net, blob.get("classes"), str(path)), path)
 
 
 def _rebuild_any_generator(
@@ -202,7 +303,21 @@ def load_protector_checkpoint(
     return _protector_from_checkpoint_blob(blob, path, any_generator=True)
 
 
-def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+def _checkpoint_classes(blob: dict[str, Any]) -> list[str] | None:
+    """Class names a checkpoint carries, if any (top level or its saved hyperparameters)."""
+    for holder in (blob, blob.get("hyper_parameters"), blob.get("datamodule_hyper_parameters")):
+        if isinstance(holder, dict):
+            for name in ("classes", "class_names"):
+                if isinstance(holder.get(name), list | tuple):
+                    return list(holder[name])
+    return None
+
+
+def export_key(
+    checkpoint_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+) -> str:
     """Writes a standalone key file from a protector checkpoint.
 
     Args:
@@ -210,13 +325,18 @@ def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) 
             a ``state_dict`` whose protector weights are prefixed ``protector.``), or an
             existing key file (re-exported after verification).
         out_path: key file to write (atomically). Must differ from ``checkpoint_path``.
+        classes: for a label-conditioned protector, the training data's class names in label
+            index order (the class-folder names, sorted as ImageFolder sorts them). When
+            omitted, the names the checkpoint or key carries are used; a conditioned protector
+            with neither is refused. Ignored for an unconditioned protector.
 
     Returns:
         The fingerprint of the exported network.
 
     Raises:
-        KeyFileError: the input is neither a protector checkpoint nor a key file, or its
-            stored fingerprint does not match its weights.
+        KeyFileError: the input is neither a protector checkpoint nor a key file, its stored
+            fingerprint does not match its weights, it holds a protector keys cannot store
+            (the encoder-decoder baseline), or it is conditioned and no class names are known.
     """
     src, out = Path(checkpoint_path), Path(out_path)
     if out.resolve() == src.resolve():
@@ -225,11 +345,13 @@ def export_key(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) 
     # weights_only loading refuses; key files are always read with weights_only=True.
     blob = _torch_load(src, weights_only=False)
     if isinstance(blob, dict) and blob.get("format") == KEY_FORMAT:
-        net = load_key(src)
+        key = read_key(src)
+        net, stored = key.net, list(key.classes) or None
     elif isinstance(blob, dict) and "protector_config" in blob and "state_dict" in blob:
-        net = _require_unconditioned(_protector_from_checkpoint_blob(blob, src), src)
+        net, stored = _protector_from_checkpoint_blob(blob, src), _checkpoint_classes(blob)
     else:
         raise KeyFileError(
             f"{src}: neither a protector checkpoint (no 'protector_config') nor a RAEG key file"
         )
-    return save_key(net, out)
+    names = _check_classes(net, classes if classes is not None else stored, str(src))
+    return save_key(net, out, names or None)
