@@ -15,10 +15,6 @@ from raeg_pl.methods.rdh import (
     HEADER_BITS,
     RDHError,
     ReversibleDataHidingMethod,
-    _geometry,
-    _orientation,
-    _predict,
-    _reveal_at,
     decode_perturbation,
     embed_bits,
     encode_perturbation,
@@ -26,6 +22,8 @@ from raeg_pl.methods.rdh import (
     perturbation_code_length,
     reveal_perturbation,
 )
+from raeg_pl.methods.rdh.message import _reveal_at
+from raeg_pl.methods.rdh.pee import _geometry, _orientation, _predict
 from raeg_pl.metrics import PSNR_MAX_DB, psnr_db
 from raeg_pl.models.classifier import create_classifier
 

@@ -1,0 +1,426 @@
+"""The RDH baseline as a protection method: sparse PGD whose perturbation is hidden in the
+protected image itself (:class:`ReversibleDataHidingMethod`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raeg_pl.losses import label_permutation, targeted_labels
+from raeg_pl.methods.base import ProtectionMethod, batches
+from raeg_pl.methods.pgd import pgd_step_size
+from raeg_pl.methods.rdh.coding import RDHError, perturbation_code_length
+from raeg_pl.methods.rdh.message import (
+    HEADER_BITS,
+    hide_fallback,
+    hide_perturbation,
+    recover_image,
+    recovery_thresholds,
+    reveal_first,
+)
+from raeg_pl.methods.rdh.pee import MAX_LAYERS, MAX_THRESHOLD, capacity_bits
+from raeg_pl.metrics import psnr_db
+
+__all__ = ["ReversibleDataHidingMethod"]
+
+
+def _budget(capacity: int) -> int:
+    """Perturbation-code bits to aim for in ``capacity``: the header and a small margin.
+
+    Capacity is measured with padding bits; the real message moves later slots' prediction
+    errors a little differently, so a code that fills the capacity exactly often misses.
+    """
+    return capacity - HEADER_BITS - 8 - capacity // 50
+
+
+def _max_count(order: np.ndarray, flat: np.ndarray, budget: int, hi: int) -> int:
+    """Largest ``k <= hi`` whose leading ``order`` values of ``flat`` code in ``budget`` bits.
+
+    Returns -1 when not even the empty perturbation fits.
+    """
+    if perturbation_code_length(order[:0], order[:0]) > budget:
+        return -1
+    lo = 0
+    while lo < hi:  # code length grows with k: bisect
+        mid = (lo + hi + 1) // 2
+        top = np.sort(order[:mid])
+        if perturbation_code_length(top, np.abs(flat[top])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class ReversibleDataHidingMethod(ProtectionMethod):
+    """Reversible adversarial examples: sparse PGD whose perturbation is hidden in the image.
+
+    :meth:`protect`, per batch of images:
+
+    1. L-inf PGD of ``steps`` signed steps on the surrogates' mean cross-entropy (away from
+       the label, or toward ``perm[y]`` when ``targeted``), in 8-bit levels, rounded to an
+       integer perturbation ``d`` with ``|d| <= floor(eps)``; the absolute gradients are
+       summed over the steps as each value's saliency;
+    2. per image, the ``k`` most salient non-zero values of ``d`` are kept, with ``k`` the
+       largest whose code fits the hiding capacity of ``x + d_k`` (measured, iterated);
+    3. PGD again from scratch for ``sparse_steps`` steps on that support only, then the
+       kept perturbation is embedded (:func:`hide_perturbation`), dropping the least salient
+       values until it fits.
+
+    Protected images differ from ``x`` by at most ``floor(eps) + pee_threshold * layers``
+    levels (fallback images, which carry no perturbation: ``FALLBACK_THRESHOLD * layers``).
+    :meth:`recover` needs only the protected images (and ``key`` when one was used) and is
+    exact, or raises :class:`RDHError` on damaged images: tamper evidence comes from the
+    CRC-32 of the original carried in every image (see the module notes for its limits).
+
+    Args:
+        surrogates: frozen classifiers (logits from [0, 1] images); needed to protect.
+        device: where the attack runs (hiding runs on the CPU with numpy).
+        batch_size: images per attack batch.
+        seed: seed of the random start and of the label permutation.
+        eps: L-inf radius of the adversarial perturbation in 8-bit levels.
+        steps: PGD steps of the dense attack (support selection).
+        step_size: step in 8-bit levels; default ``2.5 * eps / steps``.
+        sparse_steps: PGD steps on the kept support (default: ``steps``; 0 keeps the dense
+            attack's values).
+        targeted: push class ``c`` toward ``label_permutation(num_classes, seed)[c]``.
+        num_classes: class count for ``targeted``; default the surrogates' ``num_classes``
+            attribute, else the width of their logits.
+        random_start: start the dense attack at a uniform point of the eps ball.
+        pee_threshold: prediction-error expansion threshold ``T`` (1 = histogram shifting);
+            larger holds more bits per layer at up to ``T`` levels of distortion per layer.
+        max_layers: most passes of the data hiding over all slots.
+        key: optional integer that scrambles the hidden perturbation; :meth:`recover` of a
+            method with another key raises :class:`RDHError`.
+
+    Attributes:
+        stats: after :meth:`protect`, means over the images: ``kept_fraction`` (kept /
+            non-zero values of the dense perturbation), ``kept_values``, ``payload_bits``
+            (hidden message), ``capacity_bits`` (what the final image could carry with all
+            layers), ``slots``, ``psnr_db``, ``linf``, and counts ``images``,
+            ``fallback`` (message without perturbation, wide bins) and ``unembedded``
+            (stored unchanged).
+        per_image: per image (N,) tensors: ``kept_values``, ``dense_values``,
+            ``kept_fraction``, ``payload_bits``, ``capacity_bits``, ``slots`` (float64),
+            ``fallback`` and ``embedded`` (bool).
+    """
+
+    name = "rdh"
+    reversible = True
+
+    def __init__(
+        self,
+        surrogates: list[nn.Module] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        seed: int = 0,
+        eps: float = 6.0,
+        steps: int = 10,
+        step_size: float | None = None,
+        sparse_steps: int | None = None,
+        targeted: bool = False,
+        num_classes: int | None = None,
+        random_start: bool = False,
+        pee_threshold: int = 2,
+        max_layers: int = 2,
+        key: int | None = None,
+    ) -> None:
+        super().__init__(surrogates=surrogates, device=device, batch_size=batch_size, seed=seed)
+        step_size = pgd_step_size(eps, steps, step_size)
+        if not 1 <= pee_threshold <= MAX_THRESHOLD:
+            raise ValueError(f"pee_threshold must be in [1, {MAX_THRESHOLD}], got {pee_threshold}")
+        if not 1 <= max_layers <= MAX_LAYERS:
+            raise ValueError(f"max_layers must be in [1, {MAX_LAYERS}], got {max_layers}")
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.step_size = step_size
+        self.sparse_steps = self.steps if sparse_steps is None else int(sparse_steps)
+        self.targeted = bool(targeted)
+        self.random_start = bool(random_start)
+        self.pee_threshold = int(pee_threshold)
+        self.max_layers = int(max_layers)
+        if key is not None and int(key) < 0:
+            raise ValueError(f"key must be a non-negative integer, got {key}")
+        self.key = None if key is None else int(key)
+        self.num_classes = self.surrogate_num_classes(num_classes)
+        self.stats: dict[str, float] = {}
+        self.per_image: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ attack
+    def _attack_labels(self, labels: torch.Tensor, models: list[nn.Module], probe) -> torch.Tensor:
+        labels = labels.long()
+        if not self.targeted:
+            return labels
+        if self.num_classes is None:
+            with torch.no_grad():
+                self.num_classes = int(models[0](probe[:1]).shape[1])
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"{self.name}: labels must lie in [0, {self.num_classes})")
+        return targeted_labels(labels, label_permutation(self.num_classes, self.seed))
+
+    def _pgd(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        models: list[nn.Module],
+        steps: int,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L-inf PGD in 8-bit levels on the device.
+
+        Args:
+            images: (B, C, H, W) uint8.
+            labels: (B,) int64 true labels.
+            models: the surrogates.
+            steps: number of signed gradient steps.
+            mask: optional (B, C, H, W) bool support; values outside stay 0.
+            generator: CPU generator of the random start (None: start at 0).
+
+        Returns:
+            ``(d, saliency)``: (B, C, H, W) int16 integer perturbation on the CPU with
+            ``|d| <= floor(eps)`` and ``x + d`` in [0, 255], and the summed absolute gradients.
+        """
+        x0 = images.to(self.device).float()
+        keep = None if mask is None else mask.to(self.device).float()
+        delta = torch.zeros_like(x0)
+        if generator is not None and self.eps > 0:
+            noise = torch.rand(x0.shape, generator=generator).mul_(2).sub_(1).mul_(self.eps)
+            delta = (x0 + noise.to(self.device)).clamp_(0, 255) - x0
+        if keep is not None:
+            delta = delta * keep
+        x = x0 / 255.0
+        y = self._attack_labels(labels, models, x).to(self.device)
+        direction = -1.0 if self.targeted else 1.0
+        saliency = torch.zeros_like(x0)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            adv = (x0 + delta) / 255.0
+            loss = sum(F.cross_entropy(m(adv).float(), y, reduction="sum") for m in models)
+            (grad,) = torch.autograd.grad(loss / len(models), delta)
+            with torch.no_grad():
+                saliency += grad.abs()
+                step = direction * self.step_size * grad.sign()
+                delta = (delta + (step if keep is None else step * keep)).clamp_(
+                    -self.eps, self.eps
+                )
+                delta = (x0 + delta).clamp_(0, 255) - x0
+        levels = math.floor(self.eps + 1e-6)
+        d = torch.round(delta.detach()).clamp_(-levels, levels)
+        d = (x0 + d).clamp_(0, 255) - x0
+        return d.to(torch.int16).cpu(), saliency.cpu()
+
+    # ------------------------------------------------------------------ hiding
+    def _fit_count(self, x: np.ndarray, d: np.ndarray, order: np.ndarray) -> tuple[int, int]:
+        """Largest number of leading ``order`` values of ``d`` whose code fits ``x + d_k``.
+
+        Capacity is measured on the image the code will live in; it falls as values are
+        added (they spread the prediction errors), so measure, refit, and repeat.
+        """
+        flat = d.ravel()
+        cap = self._capacity(x, flat, order, 0)
+        k = _max_count(order, flat, _budget(cap), len(order))
+        for _ in range(3):
+            if k <= 0:
+                break
+            cap = self._capacity(x, flat, order, k)
+            k_new = _max_count(order, flat, _budget(cap), k)
+            if k_new >= k:
+                break
+            k = k_new
+        return max(k, 0), cap
+
+    def _capacity(self, x: np.ndarray, flat: np.ndarray, order: np.ndarray, k: int) -> int:
+        """Hiding capacity of ``x`` plus the leading ``k`` values of ``order``."""
+        sparse = np.zeros_like(flat)
+        sparse[order[:k]] = flat[order[:k]]
+        adv = (x.astype(np.int16) + sparse.reshape(x.shape)).astype(np.uint8)
+        return capacity_bits(adv, self.pee_threshold, self.max_layers)
+
+    def _hide(self, x: np.ndarray, d: np.ndarray, order: np.ndarray):
+        """Embeds the leading values of ``order``, dropping the least salient until it fits.
+
+        Returns ``(hide_perturbation result or None, values kept, fallback used)``.
+        """
+        flat = d.ravel()
+        order = order[flat[order] != 0]
+        k = len(order)
+        while True:
+            sparse = np.zeros_like(flat)
+            sparse[order[:k]] = flat[order[:k]]
+            out = hide_perturbation(
+                x, sparse.reshape(x.shape), self.pee_threshold, self.max_layers, self.key
+            )
+            if out is not None:
+                return out, k, False
+            if k == 0:
+                # Not even the empty perturbation fits: the fallback, or else unchanged.
+                return hide_fallback(x, self.pee_threshold, self.key), 0, True
+            # Refit to the capacity of the image as it is now, and always shrink.
+            fit = _max_count(order, flat, _budget(self._capacity(x, flat, order, k)), k)
+            k = max(0, min(fit, k - max(1, k // 20)))
+
+    def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Reversible adversarial copies of ``images``.
+
+        Args:
+            images: (N, C, H, W) uint8.
+            labels: (N,) int64 true labels.
+
+        Returns:
+            (N, C, H, W) uint8 on the CPU; :meth:`recover` restores ``images`` exactly.
+        """
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"expected (N, C, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}"
+            )
+        if labels.dim() != 1 or len(labels) != len(images):
+            raise ValueError(f"expected ({len(images)},) labels, got {tuple(labels.shape)}")
+        models = self.frozen_surrogates() if len(images) else []
+        generator = torch.Generator().manual_seed(self.seed) if self.random_start else None
+        out = torch.empty_like(images, device="cpu")
+        rec = {
+            k: []
+            for k in (
+                "kept_values",
+                "dense_values",
+                "payload_bits",
+                "capacity_bits",
+                "slots",
+                "fallback",
+            )
+        }
+        for sl in batches(len(images), self.batch_size):
+            x_b = images[sl].cpu()
+            d_dense, saliency = self._pgd(x_b, labels[sl], models, self.steps, generator=generator)
+            xs = x_b.numpy()
+            masks = torch.zeros_like(x_b, dtype=torch.bool)
+            orders, caps = [], []
+            for i in range(len(xs)):
+                di = d_dense[i].numpy()
+                sal = saliency[i].numpy().ravel()
+                nz = np.flatnonzero(di.ravel())
+                order = nz[np.argsort(-sal[nz], kind="stable")]
+                k, cap = self._fit_count(xs[i], di, order)
+                masks[i].view(-1)[torch.from_numpy(order[:k])] = True
+                orders.append(order)
+                caps.append(cap)
+                rec["dense_values"].append(len(nz))
+            if self.sparse_steps > 0:
+                d_sparse, _ = self._pgd(x_b, labels[sl], models, self.sparse_steps, mask=masks)
+            else:
+                d_sparse = torch.where(masks, d_dense, torch.zeros_like(d_dense))
+            for i in range(len(xs)):
+                di = d_sparse[i].numpy()
+                support = orders[i][masks[i].view(-1).numpy()[orders[i]]]
+                result, k, fallback = self._hide(xs[i], di, support)
+                if result is None:
+                    out[sl.start + i] = x_b[i]
+                    self._check_unembeddable(xs[i])
+                    bits, slots, k = 0, 0, 0
+                else:
+                    out[sl.start + i] = torch.from_numpy(result[0])
+                    bits, slots = result[1], result[2]
+                rec["kept_values"].append(k)
+                rec["payload_bits"].append(bits)
+                rec["capacity_bits"].append(caps[i])
+                rec["slots"].append(slots)
+                rec["fallback"].append(fallback and result is not None)
+        self._record(images, out, rec)
+        return out
+
+    def _check_unembeddable(self, x: np.ndarray) -> None:
+        """An unchanged image must not itself read as a valid protected image."""
+        try:
+            reveal_first(x, recovery_thresholds(self.pee_threshold), self.key)
+        except RDHError:
+            return
+        raise RuntimeError(
+            "an image that cannot carry hidden data reads as a protected image; "
+            "it cannot be protected reversibly"
+        )
+
+    def _record(self, images: torch.Tensor, out: torch.Tensor, rec: dict[str, list]) -> None:
+        per = {k: torch.tensor(v, dtype=torch.float64) for k, v in rec.items()}
+        per["fallback"] = per["fallback"].bool()
+        dense = per["dense_values"]
+        per["kept_fraction"] = torch.where(dense > 0, per["kept_values"] / dense.clamp_min(1), 1.0)
+        per["embedded"] = per["slots"] > 0
+        self.per_image = per
+        if len(images) == 0:
+            self.stats = {"images": 0}
+            return
+        psnr = psnr_db(out, images).double()
+        self.stats = {
+            "images": len(images),
+            "unembedded": int((~per["embedded"]).sum()),
+            "fallback": int(per["fallback"].sum()),
+            "kept_fraction": float(per["kept_fraction"].mean()),
+            "kept_values": float(per["kept_values"].mean()),
+            "dense_values": float(dense.mean()),
+            "payload_bits": float(per["payload_bits"].mean()),
+            "capacity_bits": float(per["capacity_bits"].mean()),
+            "slots": float(per["slots"].mean()),
+            "psnr_db": float(psnr.mean()),
+            "linf": int((out.short() - images.short()).abs().max()),
+        }
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The original images, bit for bit, from protected images alone.
+
+        Needs the same ``pee_threshold`` and ``key`` as protection (:func:`recover_image`).
+        An image that could not carry any hidden data was stored unchanged and is returned as
+        it is. A damaged protected image raises (see the module notes for the rare cases
+        where damage cannot be told from an image stored unchanged).
+
+        Args:
+            protected: (N, C, H, W) uint8 from :meth:`protect`.
+
+        Returns:
+            (N, C, H, W) uint8 originals.
+
+        Raises:
+            RDHError: an image was altered after protection, or the key differs.
+        """
+        if protected.dtype != torch.uint8 or protected.dim() != 4:
+            raise ValueError(
+                f"expected (N, C, H, W) uint8 images, got {protected.dtype} {tuple(protected.shape)}"
+            )
+        src = protected.cpu().numpy()
+        out = np.empty_like(src)
+        for i, p in enumerate(src):
+            try:
+                out[i] = recover_image(p, self.pee_threshold, self.key)
+            except RDHError as err:
+                raise RDHError(
+                    f"image {i}: cannot recover: the protected image was altered, or the key "
+                    f"or pee_threshold differ from protection ({err})"
+                ) from err
+        return torch.from_numpy(out)
+
+    def config(self) -> dict[str, Any]:
+        """Name, every parameter that determines the output, and the last ``stats``."""
+        cfg = {
+            "name": self.name,
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "sparse_steps": self.sparse_steps,
+            "targeted": self.targeted,
+            "num_classes": self.num_classes,
+            "random_start": self.random_start,
+            "pee_threshold": self.pee_threshold,
+            "max_layers": self.max_layers,
+            "keyed": self.key is not None,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_surrogates": len(self.surrogates),
+        }
+        if self.stats:
+            cfg["stats"] = dict(self.stats)
+        return cfg
