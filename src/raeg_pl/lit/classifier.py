@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from raeg_pl.attacks import pgd_linf
 from raeg_pl.models.classifier import create_classifier
 
 
@@ -170,9 +171,10 @@ class ClassifierLitModule(L.LightningModule):
     def adversarial_examples(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L-inf PGD examples against the current network (Madry et al., ICLR 2018).
 
-        A uniform random start in the eps-ball, then ``adv_train_steps`` signed-gradient
-        ascent steps on the cross-entropy, each projected back onto the eps-ball around
-        ``images`` and onto [0, 1].
+        A uniform random start in the eps-ball (drawn from the default generator of the
+        images' device), then ``adv_train_steps`` signed-gradient ascent steps on the
+        cross-entropy, each projected back onto the eps-ball around ``images`` and onto
+        [0, 1] (:func:`raeg_pl.attacks.pgd_linf`).
 
         The network stays in its current mode. In training, BatchNorm normalises with the
         batch statistics, so the attack targets exactly the function the training step
@@ -197,17 +199,15 @@ class ClassifierLitModule(L.LightningModule):
         if step_levels is None:
             step_levels = 2.5 * hp.adv_train_eps / hp.adv_train_steps
         step = step_levels / 255
-        clean = images.detach()
-        lower, upper = (clean - eps).clamp(min=0), (clean + eps).clamp(max=1)
-        x = torch.empty_like(clean).uniform_(-eps, eps).add_(clean)
-        x = torch.max(torch.min(x, upper), lower)
-        with torch.enable_grad(), batchnorm_stats_kept(self.model):
-            for _ in range(hp.adv_train_steps):
-                x.requires_grad_(True)
-                loss = F.cross_entropy(self(x).float(), labels)
-                (grad,) = torch.autograd.grad(loss, x)
-                x = torch.max(torch.min(x.detach() + step * grad.sign(), upper), lower)
-        return x.detach()
+        with batchnorm_stats_kept(self.model):
+            return pgd_linf(
+                images.detach(),
+                lambda x: F.cross_entropy(self(x).float(), labels),
+                eps=eps,
+                step_size=step,
+                steps=hp.adv_train_steps,
+                random_start=True,
+            )
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

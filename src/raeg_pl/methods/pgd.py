@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raeg_pl.attacks import pgd_linf
 from raeg_pl.losses import label_permutation, targeted_labels
 from raeg_pl.methods.base import ProtectionMethod, batches
-from raeg_pl.metrics import from_uint8
+from raeg_pl.utils.quantize import from_uint8, to_uint8
 
 __all__ = [
     "PGDMethod",
@@ -58,7 +59,7 @@ def store_within_eps(x: torch.Tensor, original: torch.Tensor, eps: float) -> tor
     """
     levels = int(math.floor(eps + 1e-6))
     base = original.to(device=x.device, dtype=torch.int16)
-    q = torch.round(x.detach().float().clamp(0.0, 1.0) * 255.0).to(torch.int16)
+    q = to_uint8(x.float()).to(torch.int16)
     q = torch.minimum(torch.maximum(q, base - levels), base + levels).clamp(0, 255)
     return q.to(device=original.device, dtype=torch.uint8)
 
@@ -109,7 +110,7 @@ class PGDMethod(ProtectionMethod):
     name = "pgd"
     reversible = False
     #: +1 ascends the cross-entropy (away from the label), -1 descends it (toward a target).
-    direction: float = 1.0
+    direction: int = 1
 
     def __init__(
         self,
@@ -162,23 +163,24 @@ class PGDMethod(ProtectionMethod):
         """One batch: (B, C, H, W) uint8 in, (B, C, H, W) uint8 perturbed out."""
         x0 = from_uint8(images.to(self.device))
         y = self._attack_labels(labels).to(self.device)
-        eps = self.eps / 255.0
-        step = self.step_size / 255.0
-        x = x0.clone()
-        if self.random_start and eps > 0:
-            # Drawn on the CPU so the start is the same on every device.
-            noise = torch.rand(x0.shape, generator=generator).mul_(2.0).sub_(1.0).mul_(eps)
-            x = (x0 + noise.to(self.device)).clamp_(0.0, 1.0)
-        for _ in range(self.steps):
-            x.requires_grad_(True)
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
             with bf16_autocast(self.device, self.amp):
                 # Per-sample losses summed over the batch: each image's gradient is its own.
                 losses = [F.cross_entropy(m(x).float(), y, reduction="sum") for m in models]
-                loss = torch.stack(losses).mean()
-            (grad,) = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                x = x + self.direction * step * grad.sign()
-                x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+                return torch.stack(losses).mean()
+
+        # The generator is a CPU one, so the random start is the same on every device.
+        x = pgd_linf(
+            x0,
+            loss_fn,
+            eps=self.eps / 255.0,
+            step_size=self.step_size / 255.0,
+            steps=self.steps,
+            direction=self.direction,
+            random_start=self.random_start,
+            generator=generator,
+        )
         return store_within_eps(x, images.to(self.device), self.eps)
 
     def config(self) -> dict[str, Any]:
@@ -214,7 +216,7 @@ class TargetedPoisonMethod(PGDMethod):
     """
 
     name = "poison"
-    direction = -1.0
+    direction = -1
 
     def __init__(
         self,

@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raeg_pl.attacks import pgd_linf
 from raeg_pl.methods.base import ProtectionMethod, batches
 from raeg_pl.methods.pgd import (
     bf16_autocast,
     check_images_labels,
     store_within_eps,
 )
-from raeg_pl.metrics import from_uint8
 from raeg_pl.models.classifier import create_classifier
+from raeg_pl.utils.quantize import from_uint8
 
 __all__ = ["ErrorMinimizingNoiseMethod"]
 
@@ -218,7 +219,7 @@ class ErrorMinimizingNoiseMethod(ProtectionMethod):
     def _minimise_noise(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor
     ) -> torch.Tensor:
-        """``pgd_steps`` signed-gradient steps that lower ``CE(model(x + delta), y)``.
+        """``pgd_steps`` signed-gradient steps that lower ``CE(model(x + delta), y)`` (PGD descent).
 
         Args:
             model: the frozen (eval-mode) source model.
@@ -229,17 +230,21 @@ class ErrorMinimizingNoiseMethod(ProtectionMethod):
         Returns:
             (B, C, H, W) noise with ``|delta| <= eps/255`` and ``x + delta`` in [0, 1].
         """
-        eps = self.eps / 255.0
-        step = self.step_size / 255.0
-        for _ in range(self.pgd_steps):
-            delta = delta.detach().requires_grad_(True)
+
+        def loss_fn(adv: torch.Tensor) -> torch.Tensor:
             with bf16_autocast(self.device, self.amp):
-                loss = F.cross_entropy(model(x + delta).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = (delta - step * grad.sign()).clamp_(-eps, eps)
-                delta = (x + delta).clamp_(0.0, 1.0) - x
-        return delta.detach()
+                return F.cross_entropy(model(adv).float(), y, reduction="sum")
+
+        adv = pgd_linf(
+            x,
+            loss_fn,
+            eps=self.eps / 255.0,
+            step_size=self.step_size / 255.0,
+            steps=self.pgd_steps,
+            direction=-1,
+            start=x + delta,
+        )
+        return adv - x
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The fitted images with their error-minimising noise, stored as 8 bits.

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raeg_pl.attacks import pgd_linf
 from raeg_pl.losses import label_permutation, targeted_labels
 from raeg_pl.methods.base import ProtectionMethod, batches
 from raeg_pl.methods.pgd import pgd_step_size
@@ -186,29 +187,32 @@ class ReversibleDataHidingMethod(ProtectionMethod):
             ``|d| <= floor(eps)`` and ``x + d`` in [0, 255], and the summed absolute gradients.
         """
         x0 = images.to(self.device).float()
-        keep = None if mask is None else mask.to(self.device).float()
-        delta = torch.zeros_like(x0)
-        if generator is not None and self.eps > 0:
-            noise = torch.rand(x0.shape, generator=generator).mul_(2).sub_(1).mul_(self.eps)
-            delta = (x0 + noise.to(self.device)).clamp_(0, 255) - x0
-        if keep is not None:
-            delta = delta * keep
-        x = x0 / 255.0
-        y = self._attack_labels(labels, models, x).to(self.device)
-        direction = -1.0 if self.targeted else 1.0
+        y = self._attack_labels(labels, models, x0 / 255.0).to(self.device)
         saliency = torch.zeros_like(x0)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            adv = (x0 + delta) / 255.0
-            loss = sum(F.cross_entropy(m(adv).float(), y, reduction="sum") for m in models)
-            (grad,) = torch.autograd.grad(loss / len(models), delta)
-            with torch.no_grad():
-                saliency += grad.abs()
-                step = direction * self.step_size * grad.sign()
-                delta = (delta + (step if keep is None else step * keep)).clamp_(
-                    -self.eps, self.eps
-                )
-                delta = (x0 + delta).clamp_(0, 255) - x0
+
+        def loss_fn(adv: torch.Tensor) -> torch.Tensor:
+            return sum(
+                F.cross_entropy(m(adv / 255.0).float(), y, reduction="sum") for m in models
+            ) / len(models)
+
+        def accumulate(i: int, adv: torch.Tensor, grad: torch.Tensor) -> None:
+            saliency.add_(grad.abs())
+
+        # In 8-bit levels (images in [0, 255]): the perturbation is rounded to whole levels.
+        adv = pgd_linf(
+            x0,
+            loss_fn,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=steps,
+            direction=-1 if self.targeted else 1,
+            max_value=255.0,
+            random_start=generator is not None,
+            generator=generator,
+            mask=mask,
+            callback=accumulate,
+        )
+        delta = adv - x0
         levels = math.floor(self.eps + 1e-6)
         d = torch.round(delta.detach()).clamp_(-levels, levels)
         d = (x0 + d).clamp_(0, 255) - x0
