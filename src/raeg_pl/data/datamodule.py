@@ -27,6 +27,7 @@ from raeg_pl.data.cache import (
     list_image_folder,
     load_split_cached,
 )
+from raeg_pl.utils.quantize import to_uint8
 
 DATA_DIR_ENV = "RAEG_DATA_DIR"
 CIFAR10_CLASSES = (
@@ -288,7 +289,7 @@ def apply_defense_uint8(images: torch.Tensor, spec: str, batch_size: int = 1024)
     out = torch.empty_like(images)
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].float() / 255
-        out[i : i + batch_size] = (defense.real(x).clamp(0, 1) * 255).round().to(torch.uint8)
+        out[i : i + batch_size] = to_uint8(defense.real(x))
     return out
 
 

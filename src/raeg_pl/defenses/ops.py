@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# The 8-bit storage step and straight-through rounding live in one place; re-exported here
+# because the defences are built from them.
+from raeg_pl.utils.quantize import quantize_8bit, round_ste, to_uint8
+
 __all__ = [
     "bits_differentiable",
     "bits_real",
@@ -73,36 +77,9 @@ def _check_image(x: torch.Tensor, fn: str) -> None:
         raise ValueError(f"{fn}: expected a float (B, C, H, W) tensor, got {shape} of {dtype}")
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Straight-through rounding: ``round`` in the forward pass, identity gradient backward.
-
-    Args:
-        x: tensor of any shape, float.
-
-    Returns:
-        ``torch.round(x)`` with the gradient of the identity.
-    """
-    return x + (torch.round(x) - x).detach()
-
-
-def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """The 8-bit storage step: clamp to [0, 1] and round to the nearest ``k / 255``.
-
-    Rounding is ``torch.round`` (half to even), as in :func:`raeg_pl.metrics.to_uint8`.
-
-    Args:
-        x: (B, C, H, W) float, nominally in [0, 1].
-
-    Returns:
-        (B, C, H, W) float in [0, 1] on the 8-bit grid, same dtype and device. No gradient.
-    """
-    return torch.round(x.detach().clamp(0.0, 1.0) * 255.0) / 255.0
-
-
 def _to_uint8_numpy(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8 numpy array (rounded)."""
-    q = torch.round(x.detach().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-    return q.permute(0, 2, 3, 1).cpu().numpy()
+    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8 numpy array (:func:`to_uint8`)."""
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _rand(

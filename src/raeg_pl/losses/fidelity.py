@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# 8-bit storage with a straight-through gradient (its range penalty is
+# :func:`out_of_range_penalty`); re-exported as part of this module's API.
+from raeg_pl.utils.quantize import quantize_ste
+
 __all__ = [
     "fidelity_loss",
     "out_of_range_penalty",
@@ -17,25 +21,6 @@ __all__ = [
     "quantize_ste",
     "recovery_loss",
 ]
-
-
-def quantize_ste(x: torch.Tensor) -> torch.Tensor:
-    """8-bit rounding with a straight-through gradient.
-
-    Simulates storing images as 8-bit files: the forward value is
-    ``clamp(round(255 * x) / 255, 0, 1)``; the backward pass treats the operation as the
-    identity everywhere (straight-through estimator, Bengio et al., "Estimating or
-    propagating gradients through stochastic neurons", 2013), including outside [0, 1], where
-    :func:`out_of_range_penalty` supplies the pull back into range.
-
-    Args:
-        x: float tensor of any shape, nominally in [0, 1].
-
-    Returns:
-        Tensor of the same shape and dtype, values on the grid ``{0, 1/255, ..., 1}``.
-    """
-    q = torch.clamp(torch.round(x * 255.0) / 255.0, 0.0, 1.0)
-    return x + (q - x).detach()
 
 
 def fidelity_loss(protected: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

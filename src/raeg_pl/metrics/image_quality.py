@@ -18,6 +18,9 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+# The 8-bit conversions live in one place; re-exported as part of the metrics API.
+from raeg_pl.utils.quantize import from_uint8, to_uint8
+
 __all__ = [
     "PSNR_MAX_DB",
     "ImageQuality",
@@ -32,41 +35,6 @@ __all__ = [
 
 #: PSNR reported for identical images (and the cap for all PSNR values), in dB.
 PSNR_MAX_DB: float = 100.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """The 8-bit storage step: float [0, 1] -> uint8 [0, 255], clamped and rounded.
-
-    Rounding is ``torch.round`` (round half to even), the same as numpy's ``np.round``.
-
-    Args:
-        x: float tensor of any shape, nominally in [0, 1] (uint8 input is returned unchanged).
-
-    Returns:
-        uint8 tensor of the same shape: ``round(clamp(x, 0, 1) * 255)``.
-    """
-    if x.dtype == torch.uint8:
-        return x
-    if not x.is_floating_point():
-        raise TypeError(f"to_uint8: expected a float or uint8 tensor, got {x.dtype}")
-    return torch.round(x.detach().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-
-
-def from_uint8(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [0, 255] -> float [0, 1] on the 8-bit grid (``x / 255``).
-
-    Args:
-        x: uint8 tensor of any shape (a float tensor is returned cast to ``dtype``).
-        dtype: float dtype of the result.
-
-    Returns:
-        Float tensor of the same shape, values ``k / 255``.
-    """
-    if x.dtype != torch.uint8:
-        if not x.is_floating_point():
-            raise TypeError(f"from_uint8: expected a uint8 or float tensor, got {x.dtype}")
-        return x.to(dtype)
-    return x.to(dtype) / 255.0
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
