@@ -25,7 +25,8 @@ aggregation is plain Python; matplotlib is imported only to draw the plots.
 
 Modules, each importing only those above it:
 
-- :mod:`~raeg_pl.tables.results`:   reading and validating ``grid.json`` / ``results.json``;
+- :mod:`~raeg_pl.tables.records`:   reading and validating one ``grid.json`` / ``results.json``;
+- :mod:`~raeg_pl.tables.results`:   merging the run directories' plans and results;
 - :mod:`~raeg_pl.tables.model`:     cells, columns, rows and tables (planned vs missing);
 - :mod:`~raeg_pl.tables.renderers`: markdown, LaTeX and CSV;
 - :mod:`~raeg_pl.tables.builders`:  the main, fidelity, robustness and inference tables;
@@ -57,18 +58,17 @@ from raeg_pl.tables.model import (
     pct,
 )
 from raeg_pl.tables.plots import plot_psnr_vs_pirate, plot_robustness
-from raeg_pl.tables.renderers import latex_escape, to_csv, to_latex, to_markdown
-from raeg_pl.tables.results import (
+from raeg_pl.tables.records import (
     CLEAN,
     NO_DEFENSE,
     SOURCES,
     CellKey,
     GridPlan,
     PirateRun,
-    Results,
     TableError,
-    load_results,
 )
+from raeg_pl.tables.renderers import latex_escape, to_csv, to_latex, to_markdown
+from raeg_pl.tables.results import Results, load_results
 
 __all__ = [
     "BUILDERS",

@@ -7,7 +7,8 @@ import statistics
 from collections.abc import Callable
 
 from raeg_pl.tables.model import NA, Cell, Column, Row, Stat, Table, Value, mean_std, pct
-from raeg_pl.tables.results import NO_DEFENSE, Results, defense_key, source_of
+from raeg_pl.tables.records import NO_DEFENSE, defense_key, source_of
+from raeg_pl.tables.results import Results
 
 
 def pirate_stat(res: Results, row: str, source: str, arch: str, defense: str) -> Cell:

@@ -10,8 +10,9 @@ from pathlib import Path
 from raeg_pl.tables.builders import BUILDERS
 from raeg_pl.tables.model import Table
 from raeg_pl.tables.plots import plot_psnr_vs_pirate, plot_robustness
+from raeg_pl.tables.records import TableError, unique
 from raeg_pl.tables.renderers import to_csv, to_latex, to_markdown
-from raeg_pl.tables.results import Results, TableError, load_results, unique
+from raeg_pl.tables.results import Results, load_results
 from raeg_pl.utils.files import write_atomic_text
 
 TABLES = ("main", "fidelity", "robustness", "inference", "summary")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from raeg_pl.tables.builders import defense_label, pirate_stat
 from raeg_pl.tables.model import Stat
-from raeg_pl.tables.results import CLEAN, NO_DEFENSE, Results, source_of
+from raeg_pl.tables.records import CLEAN, NO_DEFENSE, source_of
+from raeg_pl.tables.results import Results
 from raeg_pl.utils.files import write_atomic
 
 
