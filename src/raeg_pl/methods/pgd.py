@@ -90,8 +90,9 @@ class PGDMethod(ProtectionMethod):
     Projected gradient ascent on the cross-entropy of the true label (Madry et al.,
     "Towards deep learning models resistant to adversarial attacks", ICLR 2018), averaged
     over the surrogates: per step ``x <- P(x + a * sign(grad_x mean_k CE(f_k(x), y)))``
-    where ``P`` projects onto ``{|x - x0|_inf <= eps} ∩ [0, 1]``. The random start is
-    uniform in the eps ball. Images are processed in float [0, 1] and stored as 8 bits.
+    where ``P`` projects onto ``{|x - x0|_inf <= eps} ∩ [0, 1]``
+    (:func:`raeg_pl.attacks.pgd_linf`). The random start is uniform in the eps ball. Images
+    are processed in float [0, 1] and stored as 8 bits (:func:`store_within_eps`).
 
     Args:
         surrogates: frozen classifiers (logits from [0, 1] images); at least one is needed
