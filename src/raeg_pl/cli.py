@@ -4,65 +4,23 @@
 classifier through LightningCLI (typed constructor arguments are the config schema). Every
 run writes its run directory: the resolved config, checkpoints, CSV (and optionally wandb)
 logs, and ``results.json`` with metrics, the learning curve, git commit and config hash.
+``raeg pipeline``, ``raeg grid``, ``raeg table`` and the folder tools (``export-key``,
+``protect``, ``restore``, ``verify``) are dispatched to their modules, imported on use so
+each command loads only what it needs.
 
-Config files may start with ``defaults: [relative/base.yaml, ...]``; the named files are
-applied first, in order, then the file itself, so an experiment is one small override file
-on top of the presets in ``experiments/_base/``.
+Config files may start with ``defaults: [relative/base.yaml, ...]`` (see
+:mod:`raeg_pl.config`): the named files are applied first, in order, then the file itself.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import yaml
+from raeg_pl.config import expand_config_args, load_config_texts
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-# ------------------------------------------------------------------ config composition
-def _load_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
-    """A config file and its ``defaults`` chain as YAML texts, bases first."""
-    path = path.resolve()
-    if path in seen:
-        raise ValueError(f"{path}: circular 'defaults' chain through {[str(p) for p in seen]}")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
-    bases = data.pop("defaults", []) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    texts: list[str] = []
-    for base in bases:
-        texts += _load_with_defaults(path.parent / base, (*seen, path))
-    if data:
-        texts.append(yaml.safe_dump(data, sort_keys=False))
-    return texts
-
-
-def expand_config_args(args: list[str]) -> list[str]:
-    """Replaces each ``--config FILE`` by its ``defaults`` chain, one ``--config`` per level."""
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        value = None
-        if arg == "--config" and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-        elif arg.startswith("--config="):
-            value, i = arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        if Path(value).suffix in (".yaml", ".yml") and Path(value).is_file():
-            for text in _load_with_defaults(Path(value)):
-                out += ["--config", text]
-        else:
-            out += ["--config", value]
-    return out
+# Kept for callers of the former name; the implementation is raeg_pl.config.load_config_texts.
+_load_with_defaults = load_config_texts
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True):
@@ -84,8 +42,10 @@ Classifier training (LightningCLI; `raeg <command> --help` lists every option):
 Protection experiments:
   pipeline   surrogate -> protector -> export -> pirates / authorised / clean baseline:
              raeg pipeline --config experiments/protect/quick.yaml [key.path=value ...]
+             (writes <run_dir>/results.json, report.md and the key file owner.raegkey)
   grid       one table's runs: methods x pirate architectures x defences x seeds:
-             raeg grid --config experiments/main_table/quick.yaml [--rows R ..] [--archs A ..]
+             raeg grid --config experiments/main/quick.yaml [--rows R ..] [--archs A ..]
+             raeg grid --config experiments/main/quick.yaml --check  (builds, trains nothing)
 
 Protecting real image folders (`raeg <command> --help` lists every option):
   export-key write a standalone key file:  raeg export-key --checkpoint C.ckpt --out K

@@ -42,6 +42,19 @@ def test_unknown_command_exits_non_zero(capsys):
     assert main(["--help"]) == 0
 
 
+def test_help_names_only_paths_that_exist(capsys):
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    paths = re.findall(r"experiments/[\w./-]+\.yaml", text)
+    assert len(paths) >= 3
+    missing = [p for p in paths if not (repo / p).is_file()]
+    assert missing == [], f"raeg --help names missing files: {missing}"
+
+
 def test_metric_history_rows_hold_their_own_epoch():
     import lightning as L
     import torch
