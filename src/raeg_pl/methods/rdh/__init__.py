@@ -53,7 +53,7 @@ about 0.25 % of CIFAR-10) get only the message without a perturbation, hidden wi
 (noise, 0/255 checkerboards, images of a few pixels) are stored unchanged; recovery
 recognises them because they still cannot carry it. Recovery is therefore never lossy.
 
-Tamper evidence (the decision this module makes): recovery never returns a wrong image for
+Tamper evidence (the decision this package makes): recovery never returns a wrong image for
 a normally protected image. Any altered value that touches the hidden message or the cover
 raises :class:`RDHError` (the CRC-32 of the original fails, or the hidden structure breaks;
 up to CRC collisions, 2**-32);

@@ -76,7 +76,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
     levels (fallback images, which carry no perturbation: ``FALLBACK_THRESHOLD * layers``).
     :meth:`recover` needs only the protected images (and ``key`` when one was used) and is
     exact, or raises :class:`RDHError` on damaged images: tamper evidence comes from the
-    CRC-32 of the original carried in every image (see the module notes for its limits).
+    CRC-32 of the original carried in every image (its limits: :mod:`raeg_pl.methods.rdh`).
 
     Args:
         surrogates: frozen classifiers (logits from [0, 1] images); needed to protect.
@@ -379,8 +379,8 @@ class ReversibleDataHidingMethod(ProtectionMethod):
 
         Needs the same ``pee_threshold`` and ``key`` as protection (:func:`recover_image`).
         An image that could not carry any hidden data was stored unchanged and is returned as
-        it is. A damaged protected image raises (see the module notes for the rare cases
-        where damage cannot be told from an image stored unchanged).
+        it is. A damaged protected image raises (see :mod:`raeg_pl.methods.rdh` for the rare
+        cases where damage cannot be told from an image stored unchanged).
 
         Args:
             protected: (N, C, H, W) uint8 from :meth:`protect`.
