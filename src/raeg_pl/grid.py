@@ -20,6 +20,11 @@ missing cells show as missing. A row is ``{kind: <method>, ...parameters}`` (see
 :data:`raeg_pl.methods.METHODS`); RAEG rows take ``protector:`` overrides of the shared
 protector config. ``reuse_from: <run dir>`` reuses the surrogates and protector of an
 earlier pipeline run when their configs are identical.
+
+Before any stage runs, every row's protector and method, every surrogate and every pirate
+architecture is built on a tiny input (:mod:`raeg_pl.stages.check`); a row that cannot be
+built stops the grid at once, named with its error. ``raeg grid --check`` does only that
+(and the name checks of :func:`raeg_pl.config.validate_grid_config`).
 """
 
 from __future__ import annotations
@@ -31,52 +36,29 @@ from pathlib import Path
 
 import yaml
 
-from raeg_pl.pipeline import (
-    PIPELINE_KEYS,
-    Pipeline,
-    StageRecipeError,
-    _slug,
-    _stage_done,
-    _stage_of,
+from raeg_pl.config import (
+    DEFAULT_EVAL_DEFENSES,
+    GRID_KEYS,
     deep_merge,
-    load_pipeline_config,
-    method_export_stage,
+    grid_pirates,
+    load_grid_config,
+    parse_adv_train,
+    row_method_params,
+    row_protector_spec,
+    row_spec,
+    validate_grid_config,
 )
+from raeg_pl.stages.check import GridBuildError, check_grid_builds
+from raeg_pl.stages.common import StageRecipeError, StageRunner, slug, stage_done, stage_of
+from raeg_pl.stages.export import export_clean_folder, method_export_stage
+from raeg_pl.stages.protector import run_protector
+from raeg_pl.stages.surrogate import run_surrogates
 from raeg_pl.utils.files import write_atomic_text
 
-GRID_KEYS = (
-    *PIPELINE_KEYS,
-    "table",
-    "rows",
-    "pirates",
-    "seeds",
-    "heldout",
-    "authorized_archs",
-    "reuse_from",
-    "method_defaults",
-    "pirate_rows",
-    "archs",
-    "inference_per_class",
-)
 CLEAN = "clean"
-ADV_TRAIN = "adv_train"
 
 
-def parse_adv_train(defense: str) -> dict | None:
-    """``adv_train:eps=4,steps=5`` -> ClassifierLitModule overrides; None for data defences."""
-    name, _, params = defense.partition(":")
-    if name != ADV_TRAIN:
-        return None
-    out = {"adv_train_eps": 8.0}
-    for item in filter(None, params.split(",")):
-        key, _, value = item.partition("=")
-        if key not in ("eps", "steps"):
-            raise ValueError(f"{defense!r}: adv_train takes eps= and steps=, got {key!r}")
-        out[f"adv_train_{key}"] = float(value) if key == "eps" else int(value)
-    return out
-
-
-class Grid(Pipeline):
+class Grid(StageRunner):
     """Runs one table's grid (see the module docstring).
 
     Args:
@@ -102,11 +84,9 @@ class Grid(Pipeline):
         self.rows: dict[str, dict] = dict(cfg.get("rows") or {})
         if CLEAN in self.rows:
             raise ValueError(f"row name {CLEAN!r} is reserved for the clean-data baseline")
-        pirate = cfg["pirate"]
-        self.pirates: dict[str, dict] = {
-            name: deep_merge(pirate, spec or {})
-            for name, spec in (cfg.get("pirates") or {"pirate": {}}).items()
-        }
+        if "pirate" not in cfg:
+            raise ValueError("a grid config needs a 'pirate' section (the classifier recipe)")
+        self.pirates: dict[str, dict] = grid_pirates(cfg)
         for only, known, what in ((rows, self.rows, "rows"), (archs, self.pirates, "archs")):
             unknown = set(only or []) - set(known)
             if unknown:
@@ -137,7 +117,7 @@ class Grid(Pipeline):
         ):
             if set(names) - set(self.pirates):
                 raise ValueError(f"{what} {names} must name pirates: {list(self.pirates)}")
-        self.eval_defenses = list(cfg.get("eval_defenses") or ["none", "jpeg:q=75", "gray"])
+        self.eval_defenses = list(cfg.get("eval_defenses") or DEFAULT_EVAL_DEFENSES)
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> dict:
@@ -190,15 +170,15 @@ class Grid(Pipeline):
         if not root or (self.run_dir / link_as).exists():
             return
         src, cfg_path = Path(root) / name, Path(root) / "pipeline_config.yaml"
-        if not (_stage_done(src) and cfg_path.is_file()):
+        if not (stage_done(src) and cfg_path.is_file()):
             return
         other = yaml.safe_load(cfg_path.read_text()) or {}
         differ = sorted(k for k, v in expect.items() if other.get(k) != v)
         if differ:
-            self._say(f"{link_as}: not reused from {root}: {differ} differ")
+            self.say(f"{link_as}: not reused from {root}: {differ} differ")
             return
         (self.run_dir / link_as).symlink_to(src.resolve(), target_is_directory=True)
-        self._say(f"{link_as}: reused from {src}")
+        self.say(f"{link_as}: reused from {src}")
 
     def _shared_keys(self) -> dict:
         return {k: self.cfg.get(k) for k in ("data", "trainer", "seed", "surrogates")}
@@ -207,24 +187,24 @@ class Grid(Pipeline):
     def shared_surrogates(self) -> list[Path]:
         for i in range(len(self.cfg["surrogates"])):
             self._reuse(f"surrogate_{i}", f"surrogate_{i}", self._shared_keys())
-        return self.surrogates()
+        return run_surrogates(self)
 
     def row_protector(self, row: str, spec: dict, surrogates: list[Path]) -> Path:
-        pspec = deep_merge(self.cfg["protector"], spec.get("protector") or {})
+        pspec = row_protector_spec(self.cfg, spec)
         name = f"protector_{row}"
         expect = {**self._shared_keys(), "protector": pspec}
         # The earlier run's config has no subset: only a row using every surrogate matches.
         expect["surrogate_subset"] = spec.get("surrogates")
         self._reuse("protector", name, expect)
-        return self.protector(surrogates, name=name, spec=pspec)
+        return run_protector(self, surrogates, name=name, spec=pspec)
 
     def method_stage(self, row: str, spec: dict, surrogates: list[Path]) -> dict:
         from raeg_pl.data.datamodule import ImageClassificationDataModule
         from raeg_pl.lit.protector import load_surrogate
         from raeg_pl.methods import create_method
 
-        spec = deep_merge(self.cfg.get("method_defaults") or {}, spec)
-        params = {k: v for k, v in spec.items() if k not in ("protector", "surrogates")}
+        spec = row_spec(self.cfg, spec)
+        params = row_method_params(spec)
         # A row may attack (or train its protector against) a subset of the surrogates.
         picked = spec.get("surrogates")
         surrogates = [surrogates[int(i)] for i in picked] if picked is not None else surrogates
@@ -245,7 +225,7 @@ class Grid(Pipeline):
                 if (ckpt / "last.ckpt").is_file():
                     heldout[arch] = load_surrogate(ckpt / "last.ckpt")
                 else:
-                    self._say(f"held-out classifier {arch}: no clean run yet, left out")
+                    self.say(f"held-out classifier {arch}: no clean run yet, left out")
             return method_export_stage(
                 stage_dir,
                 method,
@@ -274,16 +254,16 @@ class Grid(Pipeline):
             "inference_per_class": self.cfg.get("inference_per_class"),
             "upstream": {
                 "protector": self.recipes.get(f"protector_{row}"),
-                "surrogates": [self.recipes.get(_stage_of(p)) for p in surrogates],
+                "surrogates": [self.recipes.get(stage_of(p)) for p in surrogates],
                 "heldout": [
                     self.recipes.get(str(d.relative_to(self.run_dir))) for d in heldout_stages
                 ],
             },
         }
-        return self._stage(f"methods/{row}", run, recipe)
+        return self.run_stage(f"methods/{row}", run, recipe)
 
     def _pirate_dir(self, row: str, arch: str, defense: str, seed: int, source: str = "") -> Path:
-        leaf = "authorized" if source == "recovered" else _slug(defense)
+        leaf = "authorized" if source == "recovered" else slug(defense)
         return self.run_dir / "pirates" / row / arch / leaf / f"seed{seed}"
 
     def pirate_stage(self, row: str, arch: str, defense: str, seed: int, source: str) -> dict:
@@ -314,44 +294,50 @@ class Grid(Pipeline):
         }
 
         def run(stage_dir):
-            return self._train(
+            return self.train(
                 stage_dir,
                 spec,
                 100 + seed,
                 data,
                 extra={"grid": grid, "source": source, "defense": defense},
-                wandb=self._wandb(row, f"pirate-{arch}-{_slug(defense)}", seed),
+                wandb=self._wandb(row, f"pirate-{arch}-{slug(defense)}", seed),
             )
 
         upstream = None if source == "clean" else self.recipes.get(f"methods/{row}")
         recipe = self.classifier_recipe(spec, 100 + seed, source, defense, upstream)
-        return self._stage(str(stage_dir.relative_to(self.run_dir)), run, recipe)
+        return self.run_stage(str(stage_dir.relative_to(self.run_dir)), run, recipe)
 
     def clean_export(self) -> None:
-        from raeg_pl.data.datamodule import ImageClassificationDataModule
-        from raeg_pl.io.protected import is_complete, write_image_folder
-
-        folder = self.run_dir / "methods" / CLEAN / "clean"
-        if is_complete(folder):
-            return
-        dm = ImageClassificationDataModule(**self.data_cfg)
-        dm.setup()
-        write_image_folder(
-            folder,
-            dm.train_set.images,
-            dm.train_set.labels,
-            dm.classes,
-            dm.train_files,
-            kind="clean",
-            extra={"data": self.data_cfg},
-        )
+        """The clean training split as PNG files (``methods/clean/clean``): the clean pirates' data."""
+        export_clean_folder(self.run_dir / "methods" / CLEAN / "clean", self.data_cfg)
 
     # ------------------------------------------------------------------ driver
     def _selected(self, items, only):
         """``items``, or the chosen ones in the order given (a job's priority)."""
         return list(items) if only is None else [x for x in only if x in items]
 
+    def check_builds(self) -> None:
+        """Builds every row, surrogate and pirate on a tiny input (:mod:`raeg_pl.stages.check`).
+
+        Raises:
+            GridBuildError: the parts that cannot be built, each named with its error.
+        """
+        t0 = time.perf_counter()
+        problems = check_grid_builds(self.cfg)
+        if problems:
+            raise GridBuildError(
+                f"grid {self.table}: {len(problems)} part(s) cannot be built, nothing was "
+                "trained:\n  " + "\n  ".join(problems)
+            )
+        self.say(
+            f"grid {self.table}: {len(self.rows)} rows, {len(self.pirates)} pirate architectures "
+            f"and {len(self.cfg.get('surrogates') or [])} surrogates build "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+
     def run(self) -> dict:
+        """Checks that everything builds, then runs (or resumes) every selected stage."""
+        self.check_builds()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic_text(
             self.run_dir / "pipeline_config.yaml", yaml.safe_dump(self.cfg, sort_keys=False)
@@ -384,89 +370,10 @@ class Grid(Pipeline):
                     if reversible.get(row) and arch in self.authorized_archs:
                         self.pirate_stage(row, arch, "none", seed, "recovered")
         seconds = round(time.perf_counter() - t0, 1)
-        self._say(
+        self.say(
             f"grid {self.table}: finished in {seconds} s; tables: raeg table --runs {self.run_dir}"
         )
         return {"seconds": seconds}
-
-
-def _check_kwargs(where: str, given: dict, cls) -> list[str]:
-    """Names in ``given`` that the constructor of ``cls`` (and its bases) does not take."""
-    import inspect
-
-    names: set[str] = set()
-    for klass in getattr(cls, "__mro__", [cls]):
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            names |= set(inspect.signature(init).parameters)
-    return [f"{where}: unknown argument {k!r} for {cls.__name__}" for k in given if k not in names]
-
-
-def validate_grid_config(cfg: dict) -> list[str]:
-    """Problems that would stop a grid hours in: unknown methods, architectures, defences,
-    or arguments the protector, the classifiers or a method does not take. Empty when sound.
-    """
-    import importlib
-
-    import timm
-
-    import raeg_pl.models.classifier  # noqa: F401 - registers the project's timm models
-    from raeg_pl.defenses import get_defense
-    from raeg_pl.lit.classifier import ClassifierLitModule
-    from raeg_pl.lit.protector import ProtectorLitModule
-    from raeg_pl.methods import METHODS
-
-    problems: list[str] = []
-
-    def classifier(where: str, spec: dict) -> None:
-        model = dict(spec.get("model") or {})
-        problems.extend(_check_kwargs(where, model, ClassifierLitModule))
-        arch = model.get("arch")
-        if arch is not None and not timm.is_model(arch):
-            problems.append(f"{where}: {arch!r} is not a registered timm model")
-        if "max_epochs" not in spec:
-            problems.append(f"{where}: max_epochs missing")
-
-    for i, spec in enumerate(cfg.get("surrogates") or []):
-        classifier(f"surrogates.{i}", spec)
-    pirate = cfg.get("pirate") or {}
-    for name, spec in (cfg.get("pirates") or {"pirate": {}}).items():
-        classifier(f"pirates.{name}", deep_merge(pirate, spec or {}))
-    protector = (cfg.get("protector") or {}).get("model") or {}
-    problems.extend(_check_kwargs("protector.model", protector, ProtectorLitModule))
-    for row, spec in (cfg.get("rows") or {}).items():
-        spec = deep_merge(cfg.get("method_defaults") or {}, spec or {})
-        kind = spec.get("kind")
-        if kind not in METHODS:
-            problems.append(f"rows.{row}: unknown method kind {kind!r}; known: {sorted(METHODS)}")
-            continue
-        module, cls = METHODS[kind].split(":")
-        params = {k: v for k, v in spec.items() if k not in ("kind", "protector", "surrogates")}
-        if kind == "raeg":
-            params["checkpoint"] = ""
-        klass = getattr(importlib.import_module(module), cls)
-        problems.extend(_check_kwargs(f"rows.{row}", params, klass))
-        override = ((spec.get("protector") or {}).get("model")) or {}
-        problems.extend(_check_kwargs(f"rows.{row}.protector.model", override, ProtectorLitModule))
-        for i in spec.get("surrogates") or []:
-            if not 0 <= int(i) < len(cfg.get("surrogates") or []):
-                problems.append(f"rows.{row}.surrogates: no surrogate {i}")
-    specs = [("pirate_defenses", d) for d in cfg.get("pirate_defenses") or []]
-    specs += [("eval_defenses", d) for d in cfg.get("eval_defenses") or []]
-    specs += [("protector.model.train_defenses", d) for d in protector.get("train_defenses") or []]
-    for where, spec in specs:
-        try:
-            data_defense = where != "pirate_defenses" or parse_adv_train(spec) is None
-            if data_defense and spec not in ("none", "identity"):
-                get_defense(spec)
-        except (ValueError, KeyError) as e:
-            problems.append(f"{where}: {spec!r}: {e}")
-    return problems
-
-
-def load_grid_config(path, overrides: list[str] | None = None) -> dict:
-    """A grid config (its ``defaults:`` chain merged, ``a.b=value`` overrides applied)."""
-    return load_pipeline_config(path, overrides, keys=GRID_KEYS)
 
 
 def main(args: list[str]) -> int:
@@ -483,7 +390,12 @@ def main(args: list[str]) -> int:
     ap.add_argument("--defenses", nargs="+", default=None, help="only these pirate defences")
     ap.add_argument("--tables", default=None, help="build the tables into this folder afterwards")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. seeds=[0,1,2]")
-    ap.add_argument("--check", action="store_true", help="only validate the config and exit")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the config, build every row's protector and method and every "
+        "pirate on a tiny input, and exit",
+    )
     ap.add_argument(
         "--plan",
         action="store_true",
@@ -498,6 +410,11 @@ def main(args: list[str]) -> int:
         print(f"raeg grid: {ns.config}:\n  " + "\n  ".join(problems), flush=True)
         return 2
     if ns.check:
+        try:
+            grid.check_builds()
+        except GridBuildError as e:
+            print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+            return 2
         print(f"raeg grid: {ns.config}: valid ({len(grid.plan()['rows'])} rows)", flush=True)
         return 0
     if ns.plan:
@@ -507,6 +424,9 @@ def main(args: list[str]) -> int:
         return 0
     try:
         grid.run()
+    except GridBuildError as e:
+        print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+        return 2
     except StageRecipeError as e:
         print(f"raeg grid: {e}", file=sys.stderr, flush=True)
         return 2
@@ -518,8 +438,10 @@ def main(args: list[str]) -> int:
 
 
 __all__ = [
+    "CLEAN",
     "GRID_KEYS",
     "Grid",
+    "GridBuildError",
     "load_grid_config",
     "main",
     "parse_adv_train",

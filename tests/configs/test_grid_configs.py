@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from raeg_pl.grid import Grid, load_grid_config, validate_grid_config
+from raeg_pl.config import load_grid_config, validate_grid_config
+from raeg_pl.grid import Grid
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = ("main", "robustness", "fidelity", "inference", "ablation")
 GRIDS = [REPO / "experiments" / t / f"{p}.yaml" for t in TABLES for p in ("quick", "paper")]
 PIPELINES = sorted((REPO / "experiments" / "protect").glob("*.yaml"))
+MAIN_QUICK = REPO / "experiments" / "main" / "quick.yaml"
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -103,3 +105,85 @@ def test_plan_flag_records_each_tables_plan_without_running(tmp_path, capsys):
     assert "adv_train:eps=6,steps=2" in plan["defenses"]  # the union of both tables
     assert sorted(p.name for p in run.iterdir()) == ["grid.json"]  # nothing else ran
     assert "plan of table 'robustness' written" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- raeg grid --check builds
+def _build_sections(cfg: dict) -> str:
+    """The config sections the build check depends on (grids sharing them build the same)."""
+    import json
+
+    keys = ("data", "seed", "surrogates", "protector", "pirate", "pirates", "rows")
+    adv = [d for d in cfg.get("pirate_defenses") or [] if d.startswith("adv_train")]
+    return json.dumps([{k: cfg.get(k) for k in keys}, cfg.get("method_defaults"), adv])
+
+
+def _grids_by_build() -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for config in GRIDS:
+        groups.setdefault(_build_sections(load_grid_config(config)), []).append(config)
+    return {str(paths[0].relative_to(REPO)): paths for paths in groups.values()}
+
+
+BUILD_GROUPS = _grids_by_build()
+
+
+@pytest.mark.parametrize("first", sorted(BUILD_GROUPS))
+def test_real_grids_pass_the_build_check(first, capsys):
+    from raeg_pl.cli import main
+
+    # Every grid is checked through the first grid of its group: the others share every
+    # section the check builds from (rows, surrogates, protector, pirates, data).
+    assert main(["grid", "--config", str(REPO / first), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "build" in out and f"{first}: valid" in out
+
+
+def test_build_groups_cover_every_grid():
+    assert sorted(p for paths in BUILD_GROUPS.values() for p in paths) == sorted(GRIDS)
+    assert len(BUILD_GROUPS) < len(GRIDS)
+
+
+SMALL = [
+    "pirates={resnet: {model: {arch: resnet_tiny_cifar}}}",
+    "archs=[resnet]",
+    "heldout=[]",
+    "pirate_defenses=[none]",
+]
+
+
+@pytest.mark.parametrize(
+    "override, named, error",
+    [
+        (
+            "rows={raeg: {kind: raeg, protector: {model: {generator: nope}}}, pgd: {kind: pgd}}",
+            "rows.raeg",
+            "generator must be one of",
+        ),
+        ("rows={raeg: {kind: raeg}, pgd: {kind: pgd, eps: -1}}", "rows.pgd", "eps must be >= 0"),
+        (
+            "rows={raeg: {kind: raeg, protector: {model: {adv_mode: sideways}}}}",
+            "rows.raeg",
+            "adv_mode",
+        ),
+        (
+            "pirates={resnet: {model: {arch: resnet_tiny_cifar, timm_kwargs: {bogus: 1}}}}",
+            "pirates.resnet",
+            "bogus",
+        ),
+    ],
+)
+def test_a_row_that_cannot_be_built_stops_the_grid_before_training(
+    override, named, error, tmp_path, capsys
+):
+    from raeg_pl.cli import main
+
+    run = tmp_path / "grid"
+    args = ["grid", "--config", str(MAIN_QUICK), "--run_dir", str(run), *SMALL, override]
+    assert main([*args, "--check"]) == 2
+    err = capsys.readouterr().err
+    line = next((x for x in err.splitlines() if x.strip().startswith(named + ":")), None)
+    assert line is not None and "cannot be built" in line and error in line, err
+    # A real run stops the same way, before any stage: nothing is written.
+    assert main(args) == 2
+    assert named in capsys.readouterr().err
+    assert not run.exists()

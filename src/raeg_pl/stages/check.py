@@ -1,0 +1,265 @@
+"""Builds everything a grid will train or apply, on a tiny input, before any stage runs.
+
+:func:`raeg_pl.config.validate_grid_config` checks names; this module builds: every
+surrogate and pirate architecture (one forward pass on 2 images of the dataset's channels,
+size and class count), every row's protector network through the same
+:class:`~raeg_pl.lit.protector.ProtectorLitModule` the protector stage constructs (the
+row's merged protector config, label conditioning and class count included; one forward
+and one inverse pass), and every row's method object through
+:func:`raeg_pl.methods.create_method`, the RAEG rows on their freshly built protector and
+the baselines on freshly initialised surrogates of the configured architectures. Nothing
+is trained, nothing is written outside a temporary folder, and a CPU does it in seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from raeg_pl.config import (
+    grid_pirates,
+    parse_adv_train,
+    row_method_params,
+    row_protector_spec,
+    row_spec,
+)
+from raeg_pl.data import DatasetError, ImageClassificationDataModule
+
+# CIFAR-10's geometry, used when the data is not on this machine (``--check`` on a laptop).
+CIFAR10_GEOMETRY = (3, 10, (32, 32))
+
+
+class GridBuildError(ValueError):
+    """Rows, architectures or surrogates of a grid config cannot be built."""
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def data_geometry(data_cfg: dict) -> tuple[int, int, tuple[int, int]]:
+    """``(channels, classes, (H, W))`` of a data config's images, without decoding them.
+
+    The data is located but never downloaded; CIFAR-10 that is not on this machine is
+    checked with its known geometry.
+
+    Raises:
+        DatasetError: a dataset other than CIFAR-10 that cannot be found.
+    """
+    dm = ImageClassificationDataModule(**{**data_cfg, "download": False})
+    try:
+        located = dm.locate()
+        channels, classes = dm.channels, dm.num_classes
+    except DatasetError:
+        if dm.dataset != "cifar10":
+            raise
+        channels, classes, size = CIFAR10_GEOMETRY
+        return channels, classes, tuple(dm.image_size or size)
+    if dm.image_size:
+        return channels, classes, tuple(dm.image_size)
+    if located.train is None:  # torchvision's CIFAR-10 batches
+        return channels, classes, CIFAR10_GEOMETRY[2]
+    from PIL import Image
+
+    for path in sorted(located.train.rglob("*")):
+        if path.is_file():
+            try:
+                with Image.open(path) as img:
+                    return channels, classes, (img.height, img.width)
+            except OSError:
+                continue
+    raise DatasetError(f"{located.train}: no readable image")
+
+
+def build_classifier(model_cfg: dict, classes: int, channels: int):
+    """A freshly initialised :class:`~raeg_pl.lit.classifier.ClassifierLitModule`."""
+    from raeg_pl.lit.classifier import ClassifierLitModule
+
+    return ClassifierLitModule(**{**model_cfg, "num_classes": classes, "in_chans": channels})
+
+
+def check_forward(net: torch.nn.Module, images: torch.Tensor, classes: int) -> None:
+    """Runs ``net`` once on ``images`` (B, C, H, W) in [0, 1]; logits must be (B, classes).
+
+    Raises:
+        ValueError: logits of another shape, or not finite.
+    """
+    with torch.no_grad():
+        logits = net.eval()(images)
+    if tuple(logits.shape) != (len(images), classes):
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)}, expected ({len(images)}, {classes})"
+        )
+    if not torch.isfinite(logits).all():
+        raise ValueError("non-finite logits")
+
+
+def save_classifier_checkpoint(lit, path: Path) -> Path:
+    """Saves a classifier module as a checkpoint :func:`~raeg_pl.lit.protector.load_surrogate` reads."""
+    torch.save(
+        {
+            "state_dict": lit.state_dict(),
+            "hyper_parameters": dict(lit.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    return path
+
+
+def protector_side(model_cfg: dict) -> int:
+    """The side of the check's protector input: the smallest that every level halves twice.
+
+    Any side divisible by ``2 ** levels`` goes through the same layers; the smallest keeps
+    the check fast on a busy CPU.
+    """
+    import inspect
+
+    from raeg_pl.lit.protector import ProtectorLitModule
+
+    default = inspect.signature(ProtectorLitModule).parameters["levels"].default
+    return 2 ** (int(model_cfg.get("levels", default)) + 1)
+
+
+def build_protector(
+    model_cfg: dict,
+    surrogate_ckpts: list[Path],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out: Path,
+) -> Path:
+    """Builds a row's protector as the protector stage does, runs it both ways, saves it.
+
+    Args:
+        model_cfg: the row's merged ``protector.model`` section.
+        surrogate_ckpts: checkpoints of the surrogates the row trains against.
+        images: (B, C, H, W) float in [0, 1], H and W divisible by ``2 ** levels``; ``C`` is
+            the protector's ``in_channels``.
+        labels: (B,) int64 class labels (used when the protector is label-conditioned).
+        out: where the freshly initialised protector is saved (a checkpoint
+            :class:`~raeg_pl.methods.raeg.RAEGMethod` loads).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: the protector changes the images' shape, or produces non-finite values.
+    """
+    from raeg_pl.lit.protector import ProtectorLitModule
+
+    lit = ProtectorLitModule(
+        surrogate_checkpoints=[str(p) for p in surrogate_ckpts],
+        in_channels=images.shape[1],
+        **model_cfg,
+    )
+    net = lit.protector.eval()
+    cond = labels if net.conditional else None
+    with torch.no_grad():
+        protected = net(images, cond)
+        recovered = net.inverse(protected, cond)
+    for what, t in (("protected", protected), ("recovered", recovered)):
+        if t.shape != images.shape:
+            raise ValueError(
+                f"{what} images of shape {tuple(t.shape)}, input {tuple(images.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"non-finite {what} images")
+    torch.save(
+        {
+            "protector_config": net.config,
+            "protector_fingerprint": net.fingerprint(),
+            "state_dict": {f"protector.{k}": v for k, v in net.state_dict().items()},
+        },
+        out,
+    )
+    return out
+
+
+def check_grid_builds(cfg: dict, say=None) -> list[str]:
+    """Builds every surrogate, pirate, row protector and row method of a grid config.
+
+    Args:
+        cfg: a grid config (:func:`raeg_pl.config.load_grid_config`), names already valid
+            (:func:`raeg_pl.config.validate_grid_config`).
+        say: prints a progress line (None: silent).
+
+    Returns:
+        One line per part that cannot be built, naming it (``rows.<row>``,
+        ``pirates.<arch>``, ``surrogates.<i>``, ``data``) with the error; empty when every
+        part builds.
+    """
+    from raeg_pl.lit.protector import load_surrogate
+    from raeg_pl.methods import create_method
+
+    problems: list[str] = []
+    try:
+        channels, classes, size = data_geometry(cfg.get("data") or {})
+    except Exception as e:  # noqa: BLE001 - reported by name, the grid stops
+        return [f"data: {_error(e)}"]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, channels, *size, generator=gen)
+    labels = torch.arange(2) % classes
+    seed = int(cfg.get("seed", 0))
+    with tempfile.TemporaryDirectory(prefix="raeg_check_") as tmp:
+        tmp_dir = Path(tmp)
+        surrogates: list[Path | None] = []
+        networks: list[torch.nn.Module | None] = []
+        for i, spec in enumerate(cfg.get("surrogates") or []):
+            try:
+                lit = build_classifier(dict(spec.get("model") or {}), classes, channels)
+                check_forward(lit.model, images, classes)
+                surrogates.append(save_classifier_checkpoint(lit, tmp_dir / f"surrogate_{i}.ckpt"))
+                # As the method stage's surrogates: loaded back from the checkpoint, frozen.
+                networks.append(load_surrogate(surrogates[-1]))
+            except Exception as e:  # noqa: BLE001 - reported by name
+                problems.append(f"surrogates.{i}: cannot be built: {_error(e)}")
+                surrogates.append(None)
+                networks.append(None)
+        adv = [parse_adv_train(d) for d in cfg.get("pirate_defenses") or []]
+        for name, spec in grid_pirates(cfg).items():
+            model_cfg = dict(spec.get("model") or {})
+            try:
+                check_forward(build_classifier(model_cfg, classes, channels).model, images, classes)
+                for extra in filter(None, adv):  # adversarial training changes the recipe only
+                    build_classifier({**model_cfg, **extra}, classes, channels)
+            except Exception as e:  # noqa: BLE001 - reported by name
+                problems.append(f"pirates.{name}: cannot be built: {_error(e)}")
+        for row, raw in (cfg.get("rows") or {}).items():
+            spec = row_spec(cfg, raw)
+            picked = spec.get("surrogates")
+            index = [int(i) for i in picked] if picked is not None else range(len(surrogates))
+            ckpts = [surrogates[i] for i in index]
+            if not ckpts or any(p is None for p in ckpts):
+                problems.append(f"rows.{row}: cannot be built: its surrogates cannot be built")
+                continue
+            params = row_method_params(spec)
+            try:
+                if params.get("kind") == "raeg":
+                    model_cfg = dict(row_protector_spec(cfg, spec).get("model") or {})
+                    side = protector_side(model_cfg)
+                    small = torch.rand(2, channels, side, side, generator=gen)
+                    out = tmp_dir / f"protector_{row}.ckpt"
+                    build_protector(model_cfg, ckpts, small, labels, out)
+                    params["checkpoint"] = str(out)
+                create_method(params, [networks[i] for i in index], device="cpu", seed=seed)
+            except Exception as e:  # noqa: BLE001 - reported by name
+                problems.append(f"rows.{row}: cannot be built: {_error(e)}")
+                continue
+            if say is not None:
+                say(f"check: row {row} ({params.get('kind')}) builds")
+    return problems
+
+
+__all__ = [
+    "GridBuildError",
+    "build_classifier",
+    "build_protector",
+    "check_forward",
+    "check_grid_builds",
+    "data_geometry",
+    "protector_side",
+    "save_classifier_checkpoint",
+]

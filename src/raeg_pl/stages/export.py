@@ -1,0 +1,231 @@
+"""Stage 3: protected (and recovered) PNG folders of a method, measured from the stored files.
+
+``export`` (the pipeline) exports the RAEG-protected training split; the grid's
+``methods/<row>`` stages export any :class:`raeg_pl.methods.ProtectionMethod` through the
+same :func:`method_export_stage`. Images are written and read back through
+:mod:`raeg_pl.io.protected` only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from raeg_pl.config import DEFAULT_EVAL_DEFENSES
+from raeg_pl.data.datamodule import ImageClassificationDataModule, apply_defense_uint8
+from raeg_pl.stages.common import StageRunner, stage_of
+from raeg_pl.utils.run import write_results
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images (N, C, H, W), in batches of 500."""
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(images), 500):
+            logits = model(images[i : i + 500].float() / 255)
+            correct += int((logits.argmax(1) == labels[i : i + 500]).sum())
+    return correct / max(1, len(images))
+
+
+def method_export_stage(
+    stage_dir: Path,
+    method,
+    dm: ImageClassificationDataModule,
+    eval_defenses: list[str],
+    surrogate: torch.nn.Module,
+    heldout: dict[str, torch.nn.Module] | None = None,
+    data_cfg: dict | None = None,
+    extra: dict | None = None,
+    inference_per_class: int | None = None,
+) -> dict:
+    """Writes clean / protected (/ recovered) PNG folders of one method and measures them.
+
+    Every figure comes from the stored 8-bit files: fidelity of the protected images,
+    reversibility of the images an authorised user restores from them (reversible methods
+    only), the surrogate's accuracy on the published training images, and inference-time
+    protection: accuracy of the surrogate and of held-out clean-trained classifiers on
+    protected held-out test images after each real defence.
+
+    Args:
+        stage_dir: the stage folder (gets ``clean/``, ``protected/``, ``recovered/``).
+        method: a :class:`raeg_pl.methods.ProtectionMethod`.
+        dm: the owner's data (set up); its training split is protected, its test split is
+            used for inference-time protection.
+        eval_defenses: real defence specs for the inference-time figures.
+        surrogate: frozen classifier (logits from [0, 1] images).
+        heldout: more frozen classifiers, by name, trained on clean data.
+        data_cfg: recorded in the manifests.
+        extra: more result fields.
+        inference_per_class: per-class subset of the test split for the inference-time
+            figures (None: all of it); attacks on every test image dominate a CPU budget.
+    """
+    from raeg_pl.io.protected import load_export, tensor_fingerprint, write_image_folder
+    from raeg_pl.metrics import ImageQuality
+
+    images, labels = dm.train_set.images, dm.train_set.labels
+    files, classes = dm.train_files, dm.classes
+    common = {"classes": classes, "files": files, "labels": labels}
+    meta = {
+        "method": method.config(),
+        "source_fingerprint": tensor_fingerprint(images, labels),
+        "data": data_cfg,
+    }
+    write_image_folder(stage_dir / "clean", images, kind="clean", **common, extra=meta)
+    t0 = time.perf_counter()
+    method.fit(images, labels)
+    protected = method.protect(images, labels)
+    protect_s = time.perf_counter() - t0
+    write_image_folder(stage_dir / "protected", protected, kind="protected", **common, extra=meta)
+    meta["method"] = method.config()  # fitting may have recorded more (rounds run...)
+    # Everything below reads the stored files back, as a pirate or an authorised user would.
+    p_images, p_labels, _, rels, _ = load_export(stage_dir / "protected")
+    c_images, _, _, _, _ = load_export(stage_dir / "clean")
+    q_prot, q_rec = ImageQuality(), ImageQuality()
+    r_images = None
+    if method.reversible:
+        src_files = [Path(r).relative_to("train").as_posix() for r in rels]
+        write_image_folder(
+            stage_dir / "recovered",
+            method.recover(p_images, p_labels),
+            p_labels,
+            classes,
+            src_files,
+            kind="recovered",
+            extra=meta,
+        )
+        r_images = load_export(stage_dir / "recovered")[0]
+    for i in range(0, len(c_images), 1024):
+        q_prot.update(p_images[i : i + 1024], c_images[i : i + 1024])
+        if r_images is not None:
+            q_rec.update(r_images[i : i + 1024], c_images[i : i + 1024])
+    qp = q_prot.compute()
+    qr = q_rec.compute() if r_images is not None else None
+
+    # Inference-time protection on held-out clean test images, after 8-bit storage.
+    test_x, test_y = dm.test_set.images, dm.test_set.labels
+    if inference_per_class is not None:
+        from raeg_pl.data.datamodule import per_class_subset
+
+        idx = per_class_subset(
+            test_y, torch.arange(len(test_y)), inference_per_class, dm.num_classes, dm.seed
+        )
+        test_x, test_y = test_x[idx], test_y[idx]
+    classifiers = {"surrogate": surrogate, **(heldout or {})}
+    clean_acc = {k: accuracy(m, test_x, test_y) for k, m in classifiers.items()}
+    by_defense: dict[str, dict[str, float]] = {k: {} for k in classifiers}
+    if method.protects_unseen:
+        stored = method.protect(test_x, test_y)
+        for spec in eval_defenses:
+            defended = stored if spec in ("none", "identity") else apply_defense_uint8(stored, spec)
+            for k, m in classifiers.items():
+                by_defense[k][spec] = accuracy(m, defended, test_y)
+
+    def opt(q, key):
+        return None if q is None else float(q[key])
+
+    results = {
+        "reversible": bool(method.reversible),
+        "method": meta["method"],
+        "psnr_protected": float(qp["psnr"]),
+        "ssim_protected": float(qp["ssim"]),
+        "linf_protected": float(qp["linf"]),
+        "l2_protected": float(qp["l2"]),
+        "psnr_recovered": opt(qr, "psnr"),
+        "ssim_recovered": opt(qr, "ssim"),
+        "exact_pixel_rate_recovered": opt(qr, "exact_pixel_rate"),
+        "surrogate_acc_clean": clean_acc["surrogate"],
+        "surrogate_acc_protected": by_defense["surrogate"].get("none"),
+        "surrogate_acc_protected_by_defense": by_defense["surrogate"],
+        "heldout_acc_clean": {k: v for k, v in clean_acc.items() if k != "surrogate"},
+        "heldout_acc_protected_by_defense": {
+            k: v for k, v in by_defense.items() if k != "surrogate"
+        },
+        # The published images themselves (what a pirate downloads), as stored.
+        "surrogate_acc_protected_train": accuracy(surrogate, p_images, p_labels),
+        "surrogate_acc_clean_train": accuracy(surrogate, c_images, p_labels),
+        "exported_images": len(images),
+        "test_images": len(dm.test_set),
+        "inference_test_images": len(test_x),
+        "protect_seconds": round(protect_s, 1),
+        "protect_img_per_s": round(len(images) / max(protect_s, 1e-9), 1),
+        **(extra or {}),
+    }
+    write_results(stage_dir, results, json.dumps([meta["method"], data_cfg], sort_keys=True))
+    return results
+
+
+def export_stage(
+    stage_dir: Path,
+    protector_ckpt: Path,
+    surrogate_ckpt: Path,
+    data_cfg: dict,
+    eval_defenses: list[str],
+    run_dir: Path,
+) -> dict:
+    """Exports the RAEG-protected training split and measures it (see method_export_stage)."""
+    from raeg_pl.lit.protector import load_surrogate
+    from raeg_pl.methods.raeg import RAEGMethod
+
+    dm = ImageClassificationDataModule(**data_cfg)
+    dm.setup()
+    method = RAEGMethod(protector_ckpt)
+    results = method_export_stage(
+        stage_dir, method, dm, eval_defenses, load_surrogate(surrogate_ckpt), data_cfg=data_cfg
+    )
+    results["protector_fingerprint"] = method.net.fingerprint()
+    write_results(stage_dir, results, json.dumps(data_cfg, sort_keys=True))
+    return results
+
+
+def export_clean_folder(folder: Path, data_cfg: dict) -> None:
+    """Writes the clean training split as a PNG folder, unless a complete one is there."""
+    from raeg_pl.io.protected import is_complete, write_image_folder
+
+    if is_complete(folder):
+        return
+    dm = ImageClassificationDataModule(**data_cfg)
+    dm.setup()
+    write_image_folder(
+        folder,
+        dm.train_set.images,
+        dm.train_set.labels,
+        dm.classes,
+        dm.train_files,
+        kind="clean",
+        extra={"data": data_cfg},
+    )
+
+
+def run_export(runner: StageRunner, protector_ckpt: Path, surrogate_ckpts: list[Path]) -> dict:
+    """The pipeline's ``export`` stage: RAEG on the training split, measured from the files."""
+    eval_defenses = list(runner.cfg.get("eval_defenses") or DEFAULT_EVAL_DEFENSES)
+
+    def run(stage_dir):
+        return export_stage(
+            stage_dir,
+            protector_ckpt,
+            surrogate_ckpts[0],
+            runner.data_cfg,
+            eval_defenses,
+            runner.run_dir,
+        )
+
+    recipe = {
+        "stage": "export",
+        "data": runner.data_cfg,
+        "eval_defenses": eval_defenses,
+        "upstream": [runner.recipes.get(stage_of(p)) for p in (protector_ckpt, surrogate_ckpts[0])],
+    }
+    return runner.run_stage("export", run, recipe)
+
+
+__all__ = [
+    "accuracy",
+    "export_clean_folder",
+    "export_stage",
+    "method_export_stage",
+    "run_export",
+]
