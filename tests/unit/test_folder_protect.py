@@ -27,25 +27,18 @@ import pytest
 import torch
 from PIL import Image
 
-from raeg_pl.io import folder as folder_mod
+from raeg_pl.io import protect as protect_mod
 from raeg_pl.io.commands import main as commands_main
-from raeg_pl.io.folder import (
-    JOURNAL,
-    MANIFEST,
-    TMP_PREFIX,
-    TMP_SUFFIX,
-    decode_image,
-    decode_residual,
-    encode_residual,
-    pixel_sha256,
-    plan_output_names,
-    protect_folder,
-    restore_folder,
-    sha256_file,
-    verify_folder_against_manifest,
-)
 from raeg_pl.io.keyfile import KeyFileError, export_key, load_key, save_key
+from raeg_pl.io.manifest import JOURNAL, MANIFEST
+from raeg_pl.io.protect import protect_folder
+from raeg_pl.io.reader import decode_image, pixel_sha256, plan_output_names
+from raeg_pl.io.restore import restore_folder
+from raeg_pl.io.sidecar import decode_residual, encode_residual
+from raeg_pl.io.verify import verify_store as verify_folder_against_manifest
+from raeg_pl.io.writer import TMP_PREFIX, TMP_SUFFIX
 from raeg_pl.models.protector import InvertibleProtector
+from raeg_pl.utils.files import sha256_bytes, sha256_file
 
 CLASSES = ("airplane", "cat", "ship", "frog", "truck", "horse")
 
@@ -231,7 +224,7 @@ def test_key_and_folder_tools_do_not_import_lightning(tmp_path):
     code = (
         "import sys, torch; torch.set_num_threads(1)\n"
         "from raeg_pl.io.keyfile import load_key\n"
-        "import raeg_pl.io.folder, raeg_pl.io.commands\n"
+        "import raeg_pl.io.protect, raeg_pl.io.restore, raeg_pl.io.verify, raeg_pl.io.commands\n"
         f"load_key({str(tmp_path / 'k.raegkey')!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
     )
@@ -324,7 +317,7 @@ def test_round_trip_every_mode(photo_folder, keys, tmp_path):
     for rel, entry in files.items():
         data = (photo_folder / entry["source"]).read_bytes()
         ref = decode_image(data)
-        assert entry["source_sha256"] == folder_mod.sha256_bytes(data)
+        assert entry["source_sha256"] == sha256_bytes(data)
         assert entry["source_pixel_sha256"] == pixel_sha256(ref.rgb, ref.alpha)
         prot_rgb, prot_alpha, prot_mode = _read_rgba(out / rel)
         rec_rgb, rec_alpha, rec_mode = _read_rgba(rec / rel)
@@ -397,14 +390,14 @@ def test_unreadable_inputs_are_reported_and_the_rest_processed(
     (root / "bad" / "dangling.png").symlink_to(root / "nowhere.png")
     before = _tree_state(root)
 
-    real_read = folder_mod._read_source_bytes
+    real_read = protect_mod.read_source_bytes
 
     def read(path: Path) -> bytes:
         if path.name == "secret.png":  # root ignores chmod 000: simulate it
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path)
 
-    monkeypatch.setattr(folder_mod, "_read_source_bytes", read)
+    monkeypatch.setattr(protect_mod, "read_source_bytes", read)
     rc = commands_main(
         [
             "protect",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from raeg_pl.io.reader import ImageFolderError, list_class_folder
 
 CACHE_FORMAT_VERSION = 1
 
@@ -55,7 +55,7 @@ def default_cache_dir() -> Path:
 
 
 def list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Lists an ImageFolder split.
+    """Lists an ImageFolder split (:func:`raeg_pl.io.reader.list_class_folder`).
 
     Returns:
         (classes, samples) where samples are (relative path, class index), sorted.
@@ -63,25 +63,10 @@ def list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
     Raises:
         DatasetError: if the folder has no class sub-folders or no images.
     """
-    if not split_dir.is_dir():
-        raise DatasetError(f"{split_dir}: not a directory")
-    classes = sorted(
-        d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
-    if not classes:
-        raise DatasetError(f"{split_dir}: no class sub-folders (expected <split>/<class>/<image>)")
-    samples: list[tuple[str, int]] = []
-    for idx, name in enumerate(classes):
-        for root, _, files in os.walk(split_dir / name):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.relpath(os.path.join(root, f), split_dir), idx))
-    samples.sort()
-    if not samples:
-        raise DatasetError(
-            f"{split_dir}: class folders {classes} hold no image files {IMAGE_EXTENSIONS}"
-        )
-    return classes, samples
+    try:
+        return list_class_folder(split_dir)
+    except ImageFolderError as e:
+        raise DatasetError(str(e)) from e
 
 
 def fingerprint_files(split_dir: Path, samples: list[tuple[str, int]], extra: str = "") -> str:

@@ -3,10 +3,15 @@
 ::
 
     raeg export-key --checkpoint runs/.../protector.ckpt --out owner.raegkey
-    raeg protect --key owner.raegkey --input photos/ --output photos_protected/ [--lossless]
+    raeg protect --key owner.raegkey --input photos/ --output photos_protected/ [--lossless] \\
+                 [--labels labels.csv]
     raeg restore --key owner.raegkey --input photos_protected/ --output photos_restored/ \\
-                 [--sidecar photos_protected.sidecar/]
+                 [--sidecar photos_protected.sidecar/ | --no-sidecar]
     raeg verify --input photos_protected/ [--sidecar photos_protected.sidecar/]
+
+A label-conditioned key labels each image by its class folder (``photos/<class>/...``) or
+by ``--labels`` (``relative_path,class`` lines) for a flat folder. ``raeg restore`` uses the
+lossless sidecar at protect's default place (``OUTPUT.sidecar/``) when it is there.
 
 Exit codes: 0 everything fine; 1 some files failed, or were missing, modified or extra;
 2 usage errors and refusals (output inside input, wrong key, not a key file...), in which
@@ -19,7 +24,9 @@ import argparse
 import json
 import sys
 
-from raeg_pl.io.folder import DEFAULT_TILE, FolderError, FolderSummary
+from raeg_pl.io.manifest import FolderError
+from raeg_pl.io.owner import DEFAULT_TILE
+from raeg_pl.io.summary import FolderSummary
 
 EXIT_OK, EXIT_FILES, EXIT_REFUSED = 0, 1, 2
 
@@ -55,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sidecar", default=None, help="sidecar folder (implies --lossless)")
     p.add_argument(
+        "--labels",
+        default=None,
+        help="label-conditioned key, flat folder: CSV of 'relative_path,class' lines "
+        "(class name or index); default: the class folders INPUT/<class>/...",
+    )
+    p.add_argument(
         "--tile",
         type=int,
         default=DEFAULT_TILE,
@@ -66,7 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="the key the folder was protected with")
     p.add_argument("--input", required=True, help="protected folder (with manifest.json)")
     p.add_argument("--output", required=True, help="recovered folder to write")
-    p.add_argument("--sidecar", default=None, help="lossless sidecar folder: bit-exact restore")
+    p.add_argument(
+        "--sidecar",
+        default=None,
+        help="lossless sidecar folder: bit-exact restore (default: INPUT.sidecar/ if present)",
+    )
+    p.add_argument(
+        "--no-sidecar", action="store_true", help="restore approximately even if a sidecar exists"
+    )
     common(p)
 
     p = sub.add_parser("verify", help="check a protected or restored folder against its manifest")
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("protect", "restore") and args.batch_size < 1:
             raise FolderError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.command == "protect":
-            from raeg_pl.io.folder import protect_folder
+            from raeg_pl.io.protect import protect_folder
 
             summary = protect_folder(
                 args.key,
@@ -126,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 sidecar_dir=args.sidecar,
                 progress=not args.no_progress,
                 tile=args.tile,
+                labels=args.labels,
             )
         elif args.command == "restore":
-            from raeg_pl.io.folder import restore_folder
+            from raeg_pl.io.restore import restore_folder
 
             summary = restore_folder(
                 args.key,
@@ -138,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 device=args.device,
                 progress=not args.no_progress,
+                find_sidecar=not args.no_sidecar,
             )
         else:
-            from raeg_pl.io.folder import verify_folder_against_manifest
+            from raeg_pl.io.verify import verify_store
 
-            summary = verify_folder_against_manifest(args.input, args.sidecar)
+            summary = verify_store(args.input, args.sidecar)
     except (FolderError, KeyFileError) as e:
         print(f"raeg {args.command}: error: {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -1,28 +1,31 @@
-"""Protected-dataset files: the only place that writes or reads exported image folders.
+"""Pipeline exports: ImageFolder trees of 8-bit PNGs with the store's manifest.
 
-An export is an ImageFolder tree of 8-bit PNGs plus ``manifest.json``::
+An export is::
 
     <out>/train/<class>/<name>.png
-    <out>/manifest.json   kind (clean | protected | recovered), per-file SHA-256 and source,
-                          protector fingerprint, source fingerprint, config, tool version
+    <out>/manifest.json   format 2 (:mod:`raeg_pl.io.manifest`): kind (clean | protected |
+                          recovered), per-file SHA-256, source and label, protector and
+                          source fingerprints, config, tool version
 
 Every file is written atomically (temporary file in the same folder, then rename) and the
 manifest last, so a folder with a manifest is complete; an interrupted export is simply run
-again.
+again. Exports written before format 2 (no ``format`` field) are still read and verified.
 
 Under ``torch.distributed`` (DDP, ``torchrun``, ``srun``) :func:`write_image_folder` is a
 collective: each rank transforms and writes only its share of the images, the per-file
 records are gathered, and rank 0 alone writes the manifest, after every rank's files are in
 place. The folder is byte-for-byte the one a single process writes.
+
+The protector is applied by :func:`raeg_pl.io.apply.apply_protector`, images are read and
+written by :mod:`raeg_pl.io.reader` / :mod:`raeg_pl.io.writer`, and checked by the one
+verifier, :func:`raeg_pl.io.verify.verify_store`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,32 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-import raeg_pl
+from raeg_pl.io.apply import apply_protector
+from raeg_pl.io.manifest import MANIFEST, manifest_text, new_manifest
+from raeg_pl.io.manifest import read_manifest as _read_store_manifest
+from raeg_pl.io.reader import read_png
+from raeg_pl.io.verify import verify_store
+from raeg_pl.io.writer import encode_png
 from raeg_pl.utils.files import sha256_bytes, sha256_file, write_atomic, write_atomic_text
 
-MANIFEST = "manifest.json"
-Transform = Callable[[torch.Tensor], torch.Tensor]
+__all__ = [
+    "MANIFEST",
+    "is_complete",
+    "load_export",
+    "png_bytes",
+    "read_manifest",
+    "read_png",
+    "sha256_file",
+    "tensor_fingerprint",
+    "verify_folder",
+    "write_image_folder",
+]
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """Encodes one image (C, H, W) uint8 as PNG (:func:`raeg_pl.io.writer.encode_png`)."""
+    return encode_png(image)
 
 
 def tensor_fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
@@ -48,38 +70,14 @@ def tensor_fingerprint(images: torch.Tensor, labels: torch.Tensor | None = None)
     return h.hexdigest()
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """Encodes one image (C, H, W) uint8 as PNG."""
-    arr = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+# ------------------------------------------------------------------- pipeline exports
+Transform = Any  # a protector, its bound forward / inverse, or a function of float images
 
 
-def read_png(path: Path) -> torch.Tensor:
-    """Reads an 8-bit image file as (C, H, W) uint8."""
-    with Image.open(path) as im:
-        arr = np.array(im)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def _apply(
-    transform: Transform | None, images: torch.Tensor, labels: torch.Tensor, device: torch.device
-) -> torch.Tensor:
-    if transform is None:
-        return images
-    x = images.to(device).float() / 255
-    with torch.no_grad():
-        # A label-conditioned protector (or its inverse) also takes the batch's labels.
-        owner = getattr(transform, "__self__", transform)
-        if getattr(owner, "conditional", False):
-            out = transform(x, torch.as_tensor(labels).to(device))
-        else:
-            out = transform(x)
-    return (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+def _transform_fingerprint(transform: Transform | None) -> str | None:
+    owner = getattr(transform, "__self__", transform)
+    fingerprint = getattr(owner, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
 
 
 def _shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -202,7 +200,7 @@ def write_image_folder(
     rels = _output_paths(files, split)
 
     def save(i: int, image: torch.Tensor) -> tuple[int, str, dict[str, Any]]:
-        data = png_bytes(image)
+        data = encode_png(image)
         # mkstemp names are unique across processes: ranks never share a temporary file.
         write_atomic(out_dir / rels[i], data)
         return (
@@ -222,7 +220,11 @@ def write_image_folder(
             starts = range(0, len(images), batch_size)
             for start in list(starts)[rank::world]:
                 stop = start + batch_size
-                batch = _apply(transform, images[start:stop], labels[start:stop], device)
+                batch = images[start:stop]
+                if transform is not None:
+                    batch = apply_protector(
+                        transform, batch, labels[start:stop], batch_size=None, device=device
+                    )
                 jobs = [(start + j, batch[j]) for j in range(len(batch))]
                 records += pool.map(lambda job: save(*job), jobs)
     except Exception as e:
@@ -240,16 +242,19 @@ def write_image_folder(
             raise RuntimeError(f"{out_dir}: export failed; " + "; ".join(errors)) from failure
         records = sorted((rec for recs, _ in shards for rec in recs), key=lambda rec: rec[0])
     entries = {rel: entry for _, rel, entry in records}
-    manifest = {
-        "kind": kind,
-        "tool_version": raeg_pl.__version__,
-        "num_images": len(entries),
-        "classes": list(classes),
-        "source_fingerprint": fingerprint,
-        **(extra or {}),
-        "files": entries,
-    }
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    fields = dict(extra or {})
+    source_fp = fields.pop("source_fingerprint", fingerprint)
+    made_with = fields.pop("protector_fingerprint", None) or _transform_fingerprint(transform)
+    manifest = new_manifest(
+        kind,
+        entries,
+        classes=list(classes),
+        source_fingerprint=source_fp,
+        protector_fingerprint=made_with,
+        label_folder_level=1,
+        **fields,
+    )
+    text = manifest_text(manifest)
     if world == 1:
         write_atomic_text(out_dir / MANIFEST, text)
         return manifest
@@ -268,14 +273,14 @@ def write_image_folder(
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an export; a clear error when it is missing or unreadable."""
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: no manifest (not an export, or an unfinished one)") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: manifest is not valid JSON ({e})") from e
+    """The manifest of an export (any version the store reads).
+
+    Raises:
+        FileNotFoundError: no manifest (a :class:`raeg_pl.io.manifest.ManifestNotFoundError`).
+        ValueError: unreadable, not a raeg manifest, or a newer format version; the message
+            names the file.
+    """
+    return _read_store_manifest(folder)
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -284,17 +289,17 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def verify_folder(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """Checks files against the manifest: ``{"missing", "modified", "extra"}`` relative paths."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    listed = manifest["files"]
-    present = {str(p.relative_to(folder)) for p in folder.rglob("*.png")}
-    missing = sorted(r for r in listed if r not in present)
-    modified = sorted(
-        r for r in listed if r in present and sha256_file(folder / r) != listed[r]["sha256"]
-    )
-    extra = sorted(present - set(listed))
-    return {"missing": missing, "modified": modified, "extra": extra}
+    """Checks files against the manifest: ``{"missing", "modified", "extra"}`` relative paths.
+
+    Files whose label disagrees with their class folder, or that were moved, count as
+    modified (see :func:`raeg_pl.io.verify.verify_store` for the full report).
+    """
+    summary = verify_store(folder, find_sidecar=False)
+    return {
+        "missing": summary.missing,
+        "modified": sorted(set(summary.modified) | set(summary.tampered) | set(summary.failed)),
+        "extra": summary.extra,
+    }
 
 
 def load_export(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from raeg_pl.methods.base import ProtectionMethod, batches
+from raeg_pl.methods.base import ProtectionMethod
 
 
 class RAEGMethod(ProtectionMethod):
@@ -30,27 +30,30 @@ class RAEGMethod(ProtectionMethod):
         self.checkpoint = Path(checkpoint)
         self.net = load_protector_checkpoint(self.checkpoint).to(self.device).eval()
 
-    def _apply(self, fn, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        from raeg_pl.metrics import to_uint8
+    def _apply(
+        self, images: torch.Tensor, labels: torch.Tensor | None, inverse: bool
+    ) -> torch.Tensor:
+        from raeg_pl.io.apply import apply_protector
 
         if self.net.conditional and labels is None:
             raise ValueError(
                 f"the protector of {self.checkpoint} is conditioned on class labels: "
                 "protecting and recovering need the images' labels"
             )
-        out = torch.empty_like(images)
-        with torch.no_grad():
-            for s in batches(len(images), self.batch_size):
-                x = images[s].to(self.device).float() / 255
-                y = None if labels is None else labels[s].to(self.device)
-                out[s] = to_uint8(fn(x, y)).cpu()
-        return out
+        return apply_protector(
+            self.net,
+            images,
+            labels,
+            inverse=inverse,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.net, images, labels)
+        return self._apply(images, labels, inverse=False)
 
     def recover(self, protected: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self._apply(self.net.inverse, protected, labels)
+        return self._apply(protected, labels, inverse=True)
 
     def config(self) -> dict[str, Any]:
         return {
