@@ -76,9 +76,20 @@ def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, ca
         assert len(list((run / "export" / folder / "train").rglob("*.png"))) == 160
     report = (run / "report.md").read_text()
     assert "pirate acc" in report and (run / "curves.png").is_file()
+    # The owner's key file: the trained (label-conditioned) protector and the class names.
+    from raeg_pl.io.keyfile import read_key
+
+    key = read_key(run / "owner.raegkey")
+    assert res["key_file"] == str(run / "owner.raegkey") and res["key_skipped"] is None
+    protector = json.loads((run / "protector" / "results.json").read_text())
+    assert key.fingerprint == protector["protector_fingerprint"] == res["key_fingerprint"]
+    assert key.conditional and len(key.classes) == 10 and key.classes[0] == "airplane"
+    key_stamp = (run / "owner.raegkey").stat().st_mtime_ns
     # A third run has nothing left to do.
     assert main(args) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 10
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 10 and "holds this protector, kept" in out
+    assert (run / "owner.raegkey").stat().st_mtime_ns == key_stamp
     for stage in ("surrogate_0", "protector", "export", "pirate_none", "authorized"):
         assert json.loads((run / stage / "recipe.json").read_text())["hash"]
 
