@@ -125,3 +125,34 @@ def fit_tiny_protector(tiny_data, tiny_surrogate, tmp_path):
         return model, trainer, dm
 
     return fit
+
+
+FAKE_CLASSES = ("alpha", "beta", "gamma")
+FAKE_PER_CLASS = {"train": 8, "test": 4}
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory) -> Path:
+    """A tiny synthetic ImageFolder dataset, made here: no real data, no download.
+
+    ``<root>/fake/{train,test}/<class>/*.png``: 3 classes, 8 training and 4 test 32x32 RGB
+    PNGs per class. Each class has its own mean colour plus seeded noise, so a classifier
+    can learn something and no two images are alike. Returns ``<root>``: use it as
+    ``data.data_dir`` with ``data.dataset: fake``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("fake_root")
+    rng = np.random.default_rng(0)
+    for split, n in FAKE_PER_CLASS.items():
+        for c, name in enumerate(FAKE_CLASSES):
+            folder = root / "fake" / split / name
+            folder.mkdir(parents=True)
+            base = np.zeros(3)
+            base[c] = 150.0
+            for i in range(n):
+                pixels = base + rng.normal(60.0, 40.0, size=(32, 32, 3))
+                img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+                img.save(folder / f"{split}_{name}_{i:02d}.png")
+    return root
