@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from raeg_pl.utils.callbacks import MetricHistory
+from raeg_pl.utils.callbacks import MetricHistory, ProgressReport
+from raeg_pl.utils.quantize import to_uint8
 
 DEFAULT_WANDB_PROJECT = "raeg-pl"
 
@@ -20,30 +25,25 @@ class RaegWandbLogger(WandbLogger):
 
     ``wandb.Image`` casts tensor and array pixels to uint8 as they are (it expects
     [0, 255]), so a float image in [0, 1] would be stored almost black. Float tensors and
-    arrays, (C, H, W) tensors or (H, W, C) arrays in [0, 1], are stored as 8-bit first;
-    uint8 data, PIL images and file paths pass through unchanged.
+    arrays, (C, H, W) tensors or (H, W, C) arrays in [0, 1], are stored as 8-bit first
+    (:func:`raeg_pl.utils.quantize.to_uint8`); uint8 data, PIL images and file paths pass
+    through unchanged.
     """
 
     def log_image(
         self, key: str, images: list[Any], step: int | None = None, **kwargs: Any
     ) -> None:
         if isinstance(images, list):
-            images = [_image_to_uint8(img) for img in images]
+            images = [self._stored(img) for img in images]
         super().log_image(key, images, step, **kwargs)
 
-
-def _image_to_uint8(img: Any) -> Any:
-    """A float tensor / array image in [0, 1] as uint8 [0, 255]; anything else unchanged."""
-    import numpy as np
-    import torch
-
-    from raeg_pl.metrics import to_uint8
-
-    if isinstance(img, torch.Tensor) and img.is_floating_point():
-        return to_uint8(img.detach().float().cpu())
-    if isinstance(img, np.ndarray) and np.issubdtype(img.dtype, np.floating):
-        return to_uint8(torch.from_numpy(img.astype(np.float32))).numpy()
-    return img
+    @staticmethod
+    def _stored(img: Any) -> Any:
+        if isinstance(img, torch.Tensor) and img.is_floating_point():
+            return to_uint8(img.detach().float().cpu())
+        if isinstance(img, np.ndarray) and np.issubdtype(img.dtype, np.floating):
+            return to_uint8(torch.from_numpy(img.astype(np.float32))).numpy()
+        return img
 
 
 def wandb_settings(
@@ -222,13 +222,60 @@ def end_wandb_run(loggers: Iterable[Logger] | Logger | None = None) -> bool:
     return True
 
 
+# Lightning messages that say nothing about the run: advertising tips (logged at INFO by
+# lightning.pytorch.utilities.rank_zero) and warnings about non-empty log and checkpoint
+# folders, which every resumed stage and every stage folder holding its recipe.json has.
+_LIGHTNING_TIPS = "💡 Tip:"
+_NOT_EMPTY_WARNINGS = (
+    r"Checkpoint directory .* exists and is not empty",
+    r"Experiment logs directory .* exists and is not empty",
+)
+# Lightning's rank-zero messages go to one of these loggers (whichever package set it last).
+LIGHTNING_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_TIPS)
+
+
+def quiet_lightning() -> None:
+    """Hides Lightning's advertising tips and its "directory exists and is not empty"
+    warnings (idempotent; every run's callbacks call it)."""
+    for name in LIGHTNING_RANK_ZERO_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
+    for message in _NOT_EMPTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
+def stage_label(run_dir: str | os.PathLike) -> str:
+    """How progress lines name a run folder: its name, or ``pirates/<row>/<arch>/...`` for
+    a grid's pirate (whose last folder alone, ``seed<k>``, says little)."""
+    parts = Path(run_dir).parts
+    if "pirates" in parts:
+        i = len(parts) - 1 - parts[::-1].index("pirates")
+        return "/".join(parts[i:])
+    return Path(run_dir).name or str(run_dir)
+
+
 def run_callbacks(
     run_dir: str | os.PathLike,
     callbacks: list[Callback] | None = None,
     monitor: str | None = "val/acc",
     mode: str = "max",
+    progress_every_s: float = 60.0,
 ) -> tuple[list[Callback], MetricHistory]:
-    """``callbacks`` plus a MetricHistory, a last/best ModelCheckpoint and an LR monitor."""
+    """``callbacks`` plus a MetricHistory, a last/best ModelCheckpoint, an LR monitor and a
+    :class:`ProgressReport` (one line per epoch, one every ``progress_every_s`` seconds
+    within an epoch); Lightning's tips and non-empty-folder warnings are hidden."""
+    quiet_lightning()
     callbacks = list(callbacks or [])
     history = MetricHistory()
     callbacks.append(history)
@@ -244,4 +291,6 @@ def run_callbacks(
             )
         )
     callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if not any(isinstance(c, ProgressReport) for c in callbacks):
+        callbacks.append(ProgressReport(stage_label(run_dir), every_s=progress_every_s))
     return callbacks, history
