@@ -69,9 +69,10 @@ def test_every_experiment_folder_is_smoke_tested():
         assert {"quick.yaml", "paper.yaml"} <= names, (folder, sorted(names))
 
 
-# One CPU process, fp32 (bf16 autocast works on CPU but is slow on CPUs without bf16 units),
-# one batch in each loop and one optimiser step: `max_steps` caps the per-stage
-# `max_epochs` of every stage, whatever the file sets.
+# The paper files' GPU (accelerator: gpu, bf16) becomes one CPU process in fp32 (bf16
+# autocast works on CPU but is slow on CPUs without bf16 units); one batch in each loop and
+# one optimiser step: `max_steps` caps the per-stage `max_epochs` of every stage, whatever
+# the file sets. Every stage's Trainer takes the `trainer:` section, so no code is involved.
 PIPELINE_TRAINER = [
     "trainer.accelerator=cpu",
     "trainer.devices=1",

@@ -138,7 +138,10 @@ class ProgressReport(L.Callback):
     def _timing(self, trainer) -> tuple[float, str]:
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         done = trainer.global_step - self._step0
-        total = trainer.estimated_stepping_batches
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - a progress line must never stop a fit
+            total = math.inf
         if done <= 0 or not math.isfinite(total):
             return elapsed, "?"
         left = max(0.0, total - trainer.global_step) * elapsed / done
