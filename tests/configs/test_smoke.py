@@ -5,9 +5,10 @@ every test run with no data and no GPU. Each file is run as its README says (``r
 ``raeg pipeline`` or ``raeg grid``) with one small set of overrides per kind of file: the
 fake data and tiny per-class counts, one batch per training / validation / test loop, one
 optimiser step, one CPU process in fp32. Grids keep every row, every pirate architecture and
-every pirate defence of the file, so each is built and trained once; only the seeds are cut
-to one. The ``_base/`` presets are covered through the files that name them; sweeps are
-checked by ``test_sweeps.py``.
+every pirate defence of the file, so each is built and trained once; the seeds are cut to
+one and each method's iteration counts (PGD steps, error-minimising rounds) to one. The
+``_base/`` presets are covered through the files that name them; sweeps are checked by
+``test_sweeps.py``. The real-data version, ``test_configs.py``, is marked ``data``.
 """
 
 from __future__ import annotations
