@@ -1,6 +1,18 @@
 """Folder protect / restore throughput, peak memory against folder size, sidecar size.
 
-Every measurement runs ``raeg_pl.io.folder`` in a fresh subprocess, so each peak RSS
+Two modes. With ``--input DIR`` (a class-folder copy of real images, e.g. 300 CIFAR-10
+test JPEGs under ``DIR/<class>/``) and ``--key K`` (any key, label-conditioned or not) it
+evaluates that key on that folder (see :func:`evaluate_folder`): plain restore PSNR and
+exact pixel rate, lossless sidecar bits per pixel (against the format-1 codec on the same
+residuals and the source files' own bits per pixel), bit-exactness of the lossless
+restore, and protect / restore throughput as ratios to a baseline measured in the same
+run (decode + PNG encode of the same folder, no network)::
+
+    .venv/bin/python benchmarks/bench_protect_folder.py --key owner.raegkey --input /tmp/cifar300
+
+Without ``--input`` it runs the synthetic suite below.
+
+Every measurement runs the owner commands in a fresh subprocess, so each peak RSS
 (``VmHWM`` from ``/proc/self/status``) belongs to one operation on one folder:
 
 * ``throughput``: protect and restore img/s on real CIFAR-10 test JPEGs (32x32) and on
@@ -22,7 +34,8 @@ recorded as ``"data": "synthetic"``).
     .venv/bin/python benchmarks/bench_protect_folder.py [--key K] [--threads 1] [--quick]
 
 ``--quick`` runs the same cases on tiny folders (seconds) to check the script itself.
-Writes ``runs/benchmarks/protect_folder.json`` (``protect_folder_quick.json`` with ``--quick``).
+Writes ``runs/benchmarks/protect_folder.json`` (``protect_folder_quick.json`` with ``--quick``,
+``protect_folder_eval.json`` with ``--input``).
 """
 
 from __future__ import annotations
@@ -74,19 +87,39 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
+def _copy_folder(src: str, out: str):
+    """The baseline: decode every image and write it as PNG, without any network."""
+    from raeg_pl.io.reader import decode_image, list_images
+    from raeg_pl.io.summary import FolderSummary
+    from raeg_pl.io.writer import encode_png
+
+    images, _ = list_images(src)
+    summary = FolderSummary("copy", src, out, total=len(images))
+    for rel in images:
+        img = decode_image((Path(src) / rel).read_bytes())
+        target = Path(out) / Path(rel).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(encode_png(img.rgb.transpose(2, 0, 1), img.alpha))
+        summary.written.append(rel)
+    return summary
+
+
 def child(spec: dict) -> None:
-    """Runs one protect or restore and prints one JSON line with time and memory."""
+    """Runs one protect, restore or copy and prints one JSON line with time and memory."""
     import torch
 
-    from raeg_pl.io.folder import protect_folder, restore_folder
-    from raeg_pl.io.keyfile import load_key
+    from raeg_pl.io.keyfile import read_key
+    from raeg_pl.io.protect import protect_folder
+    from raeg_pl.io.restore import restore_folder
 
     torch.set_num_threads(spec["threads"])
-    net = load_key(spec["key"])
+    net = read_key(spec["key"])
     baseline = _status_mb("VmRSS")
     t0 = time.perf_counter()
     common = {"batch_size": spec["batch_size"], "device": spec["device"], "progress": False}
-    if spec["op"] == "protect":
+    if spec["op"] == "copy":
+        summary = _copy_folder(spec["input"], spec["output"])
+    elif spec["op"] == "protect":
         summary = protect_folder(
             net,
             spec["input"],
@@ -97,7 +130,12 @@ def child(spec: dict) -> None:
         )
     else:
         summary = restore_folder(
-            net, spec["input"], spec["output"], sidecar_dir=spec.get("sidecar"), **common
+            net,
+            spec["input"],
+            spec["output"],
+            sidecar_dir=spec.get("sidecar"),
+            find_sidecar=spec.get("find_sidecar", True),
+            **common,
         )
     seconds = time.perf_counter() - t0
     print(
@@ -197,9 +235,139 @@ def _synthetic_key(path: Path) -> None:
     save_key(net, path)
 
 
+def _pixel_stats(a: Path, b: Path) -> dict:
+    """PSNR (dB) and exact pixel rate of folder ``a`` against folder ``b`` (same PNG names)."""
+    se, count, equal = 0.0, 0, 0
+    for path in sorted(a.rglob("*.png")):
+        with Image.open(path) as x, Image.open(b / path.relative_to(a)) as y:
+            d = np.asarray(x)[..., :3].astype(np.float64) - np.asarray(y)[..., :3]
+        se += float(np.square(d).sum())
+        count += d.size
+        equal += int((d == 0).sum())
+    mse = se / max(count, 1)
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return {"psnr_db": psnr, "exact_pixel_rate": equal / max(count, 1), "values": count}
+
+
+def _format1_bits_per_pixel(key_path: Path, protected: Path, source: Path) -> dict:
+    """Sidecar bits per pixel of the format-1 codec (zlib/bz2) on the same residuals."""
+    import torch
+
+    from raeg_pl.io.apply import protector_values
+    from raeg_pl.io.keyfile import read_key
+    from raeg_pl.io.reader import decode_image
+    from raeg_pl.io.sidecar import encode_residual, residual_codec
+
+    key = read_key(key_path)
+    manifest = json.loads((protected / "manifest.json").read_text())
+    nbytes = pixels = 0
+    codecs: dict[str, int] = {}
+    for rel, entry in manifest["files"].items():
+        with Image.open(protected / rel) as im:
+            prot = torch.from_numpy(np.asarray(im)[..., :3].copy()).permute(2, 0, 1)[None]
+        label = [key.classes.index(entry["label"])] if key.conditional else None
+        values = protector_values(key.net, prot, label, inverse=True, tile=entry["tile"])[0]
+        original = decode_image((source / entry["source"]).read_bytes()).rgb.transpose(2, 0, 1)
+        nbytes += len(encode_residual(original, values.numpy(), codecs=(0, 1)))
+        pixels += entry["width"] * entry["height"]
+        sidecar = protected.with_name(protected.name + ".sidecar") / entry["sidecar"]["file"]
+        name = residual_codec(sidecar.read_bytes())
+        codecs[name] = codecs.get(name, 0) + 1
+    return {"format1_bits_per_pixel": 8.0 * nbytes / max(pixels, 1), "codecs_chosen": codecs}
+
+
+def evaluate_folder(args: argparse.Namespace, scratch: Path) -> dict:
+    """One key on one class-folder copy: restore quality, sidecar size, throughput ratios."""
+    from raeg_pl.io.keyfile import read_key
+
+    key_path, src = Path(args.key), Path(args.input)
+    key = read_key(key_path)
+    base = {
+        "key": str(key_path),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "tile": 1024,
+        "lossless": False,
+    }
+
+    def run(op: str, inp: Path, out: Path, **kw) -> dict:
+        r = _run({**base, "op": op, "input": str(inp), "output": str(out), **kw})
+        print(
+            f"  {op:8s} {out.name:12s} {r['images']:5d} img  {r['img_per_s']:8.1f} img/s",
+            flush=True,
+        )
+        return r
+
+    copy = run("copy", src, scratch / "copy")
+    prot = run("protect", src, scratch / "prot")
+    prot_l = run("protect", src, scratch / "protl", lossless=True)
+    rest_l = run("restore", scratch / "protl", scratch / "rec_lossless")
+    rest = run("restore", scratch / "protl", scratch / "rec_plain", find_sidecar=False)
+    exact = _pixel_stats(scratch / "rec_lossless", scratch / "copy")
+    plain = _pixel_stats(scratch / "rec_plain", scratch / "copy")
+    protected = _pixel_stats(scratch / "prot", scratch / "copy")
+    old = _format1_bits_per_pixel(key_path, scratch / "protl", src)
+    sources = [p for p in src.rglob("*") if p.is_file()]
+    src_pixels = 0
+    for path in sources:
+        with Image.open(path) as im:
+            src_pixels += im.width * im.height
+    src_bpp = 8.0 * sum(p.stat().st_size for p in sources) / max(src_pixels, 1)
+    bpp = prot_l["sidecar_bits_per_pixel"]
+    return {
+        "input": str(src),
+        "images": prot["images"],
+        "key": {
+            "path": str(key_path),
+            "fingerprint": key.fingerprint,
+            "config": key.net.config,
+            "conditional": key.conditional,
+            "classes": list(key.classes),
+        },
+        "protected_psnr_db": protected["psnr_db"],
+        "restore_plain_psnr_db": plain["psnr_db"],
+        "restore_plain_exact_pixel_rate": plain["exact_pixel_rate"],
+        "restore_lossless_exact_pixel_rate": exact["exact_pixel_rate"],
+        "restore_lossless_exact_images": rest_l["exact"],
+        "sidecar_bits_per_pixel": bpp,
+        "sidecar_format1_bits_per_pixel": old["format1_bits_per_pixel"],
+        "sidecar_codecs_chosen": old["codecs_chosen"],
+        "sidecar_vs_format1": bpp / old["format1_bits_per_pixel"],
+        "source_bits_per_pixel": src_bpp,
+        "sidecar_vs_source": bpp / src_bpp,
+        "img_per_s": {
+            "baseline_decode_png": copy["img_per_s"],
+            "protect": prot["img_per_s"],
+            "protect_lossless": prot_l["img_per_s"],
+            "restore_lossless": rest_l["img_per_s"],
+            "restore_plain": rest["img_per_s"],
+        },
+        "throughput_vs_baseline": {
+            "protect": prot["img_per_s"] / copy["img_per_s"],
+            "protect_lossless": prot_l["img_per_s"] / copy["img_per_s"],
+            "restore_lossless": rest_l["img_per_s"] / copy["img_per_s"],
+            "restore_plain": rest["img_per_s"] / copy["img_per_s"],
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "device": args.device,
+            "batch_size": args.batch_size,
+        },
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--key", default=None, help="key file (default: synthetic key)")
+    ap.add_argument(
+        "--input",
+        default=None,
+        help="class-folder copy of real images: evaluate --key on it (restore PSNR, exact "
+        "pixel rate, sidecar bits per pixel, throughput ratios) instead of the suite",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
@@ -216,6 +384,20 @@ def main() -> None:
     if args.child:
         child(json.loads(args.child))
         return
+    if args.input:
+        if not args.key:
+            ap.error("--input needs --key")
+        scratch = Path(args.workdir or tempfile.mkdtemp(prefix="bench_protect_folder_"))
+        try:
+            result = evaluate_folder(args, scratch)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(scratch, ignore_errors=True)
+        out = Path(args.out or Path("runs/benchmarks") / "protect_folder_eval.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     cfg = QUICK if args.quick else FULL
     data_dir = os.environ.get("RAEG_DATA_DIR") or "data"
     data_root = Path(data_dir) if (Path(data_dir) / "cifar10" / "test").is_dir() else None
@@ -225,9 +407,9 @@ def main() -> None:
         key = Path(args.key) if args.key else scratch / "synthetic.raegkey"
         if not args.key:
             _synthetic_key(key)
-        from raeg_pl.io.keyfile import load_key
+        from raeg_pl.io.keyfile import read_key
 
-        net = load_key(key)
+        net = read_key(key).net
         base = {
             "key": str(key),
             "threads": args.threads,
@@ -286,7 +468,7 @@ def main() -> None:
             scratch / "cifar_rl",
             sidecar=str(scratch / "cifar_pl.sidecar"),
         )
-        plain32 = run("restore", scratch / "cifar_pl", scratch / "cifar_rp")
+        plain32 = run("restore", scratch / "cifar_pl", scratch / "cifar_rp", find_sidecar=False)
 
         # 512x512 photos: throughput and peak memory against the number of files.
         s = cfg["photo_size"]
@@ -328,7 +510,7 @@ def main() -> None:
             scratch / "large_rl",
             sidecar=str(scratch / "large_pl.sidecar"),
         )
-        rpl = run("restore", scratch / "large_pl", scratch / "large_rp")
+        rpl = run("restore", scratch / "large_pl", scratch / "large_rp", find_sidecar=False)
 
         def source_bpp(folder: Path) -> float:
             pixels = nbytes = 0

@@ -56,6 +56,15 @@ def test_legacy_owner_folder_verifies_and_restores_bit_for_bit(legacy, tmp_path)
         "bz2 (format 1)",
     }
 
+    # The restore values are reproduced exactly: format 1 written now is byte-identical.
+    net = load_key(legacy / "key.raegkey")
+    for rel, entry in manifest["files"].items():
+        prot = torch.from_numpy(_pixels(legacy / "owner_v1" / rel)[..., :3]).permute(2, 0, 1)
+        values = protector_values(net, prot[None], inverse=True, tile=entry["tile"])[0].numpy()
+        source = decode_image((legacy / "source" / entry["source"]).read_bytes())
+        again = encode_residual(source.rgb.transpose(2, 0, 1), values, codecs=(0, 1))
+        assert again == (legacy / "owner_v1.sidecar" / entry["sidecar"]["file"]).read_bytes()
+
     # A plain restore finds the sidecar at its default place and is bit-exact.
     summary = restore_folder(
         legacy / "key.raegkey", legacy / "owner_v1", tmp_path / "rec", progress=False
@@ -77,7 +86,6 @@ def test_legacy_owner_folder_verifies_and_restores_bit_for_bit(legacy, tmp_path)
         legacy / "key.raegkey", legacy / "owner_v1", tmp_path / "approx", progress=False
     )
     assert approx.ok and any("approximate restore" in n for n in approx.notes)
-    net = load_key(legacy / "key.raegkey")
     for rel in manifest["files"]:
         prot = torch.from_numpy(_pixels(legacy / "owner_v1" / rel)[..., :3]).permute(2, 0, 1)[None]
         with torch.no_grad():
@@ -181,6 +189,12 @@ def test_residual_codec_is_exact_smaller_than_format_1_and_decodes_format_1() ->
         np.testing.assert_array_equal(decode_residual(data, values), original)
         noisy = values + rng.uniform(-2e-4, 2e-4, values.shape).astype(np.float32)
         np.testing.assert_array_equal(decode_residual(data, noisy), original)
+    # Large images use the encoders' fast settings; the format (and the decoder) is the same.
+    big = np.clip(rng.normal(120, 40, (3, 450, 600)), 0, 255).astype(np.uint8)
+    big_values = np.clip(big + rng.laplace(0, 0.4, big.shape), 0, 255).astype(np.float32)
+    for codecs in ((2,), (3,)):
+        data = encode_residual(big, big_values, codecs=codecs)
+        np.testing.assert_array_equal(decode_residual(data, big_values), big)
     chosen = encode_residual(original, values)
     assert residual_codec(chosen) in ("webp-lossless", "lzma")
     with pytest.raises(ValueError, match="shape"):

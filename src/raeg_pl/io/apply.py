@@ -64,6 +64,8 @@ def _run(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     fn, conditional, net_device = _network(net, inverse)
+    if isinstance(images_u8, np.ndarray) and not images_u8.flags.writeable:
+        images_u8 = images_u8.copy()  # torch warns on read-only arrays
     images = torch.as_tensor(images_u8)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(

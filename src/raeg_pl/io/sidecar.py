@@ -25,8 +25,10 @@ Format 2 (written now, magic ``RRS2``)::
 
 The side data are uvarints: the floor positions as deltas of their flat (C, H, W) indices,
 then the escapes (residuals outside the 8-bit image's range) as index deltas and zigzag
-values. Each file keeps whichever codec is smaller. Format 1 (``RRS1``: zlib or bz2 of two
-zigzag byte planes; raeg_pl 0.1 before format 2) is still decoded.
+values. Each file keeps whichever codec is smaller. Format 1 (``RRS1``: a 29-byte header, then zlib
+or bz2 of the zigzag residual as two byte planes and the floor positions as uint32 deltas;
+raeg_pl 0.1 before format 2) is still decoded, and written on request (``codecs=(0, 1)``)
+to compare sizes.
 """
 
 from __future__ import annotations
@@ -62,11 +64,16 @@ SIDECAR_CODECS = {0: "zlib (format 1)", 1: "bz2 (format 1)", 2: "webp-lossless",
 _V1_MAGIC, _V2_MAGIC = b"RRS1", b"RRS2"
 _V1_HEADER = struct.Struct("<4sBIIIdI")
 _V1_CODECS = {0: zlib.decompress, 1: bz2.decompress}
-_LZMA_FILTERS = [
-    {"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}
-]
-# Above this many pixels WebP's slowest method costs seconds per photo for little gain.
-_WEBP_SLOW_PIXELS = 1 << 22
+_V1_COMPRESS = {0: lambda b: zlib.compress(b, 9), 1: lambda b: bz2.compress(b, 9)}
+# lc=0: the literal coder's context is not the previous byte (the residual is near-white
+# noise); a 1 MiB dictionary, as the residual has no long-range repeats and preset 9's
+# 64 MiB costs ~0.1 s per call to set up. dict_size, lc, lp and pb are part of the format
+# (decoding needs them); the preset only decides how hard the encoder searches.
+_LZMA_FORMAT = {"id": lzma.FILTER_LZMA1, "dict_size": 1 << 20, "lc": 0, "lp": 0, "pb": 0}
+# Above this many pixels the encoders' slow settings cost seconds per photo: WebP method 1
+# and LZMA preset 0 instead of method 4 and preset 9e (on a 1536x1024 photo, ~3 s instead
+# of ~10 s).
+_LARGE_PIXELS = 1 << 18
 _WEBP_MAX_SIDE = 16383
 
 
@@ -145,12 +152,13 @@ def _read_side_data(
     return floor_at, esc_at, _unzigzag(np.asarray(esc_z, dtype=np.int64))
 
 
-def _lzma(data: bytes) -> bytes:
-    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+def _lzma(data: bytes, fast: bool = False) -> bytes:
+    preset = 0 if fast else 9 | lzma.PRESET_EXTREME
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FORMAT, "preset": preset}])
 
 
 def _unlzma(data: bytes) -> bytes:
-    return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=[_LZMA_FORMAT])
 
 
 # ----------------------------------------------------------------------------- codecs
@@ -160,7 +168,8 @@ def _webp_body(residual: np.ndarray, side: bytes) -> bytes | None:
         return None
     image = np.clip(residual + 128, 0, 255).astype(np.uint8).transpose(1, 2, 0)
     buf = io.BytesIO()
-    method = 6 if h * w <= _WEBP_SLOW_PIXELS else 4
+    # Method 4: on CIFAR-10 residuals method 6 is 4x slower for 0.1% smaller sidecars.
+    method = 1 if h * w > _LARGE_PIXELS else 4
     Image.fromarray(np.ascontiguousarray(image), "RGB").save(
         buf, format="WEBP", lossless=True, quality=100, method=method, exact=True
     )
@@ -170,7 +179,24 @@ def _webp_body(residual: np.ndarray, side: bytes) -> bytes | None:
 
 def _lzma_body(residual: np.ndarray, side: bytes) -> bytes:
     planes = np.minimum(_zigzag(residual), 255).astype(np.uint8)
-    return _lzma(planes.tobytes() + side)
+    return _lzma(planes.tobytes() + side, fast=residual[0].size > _LARGE_PIXELS)
+
+
+def _encode_v1(
+    residual: np.ndarray, floor_at: np.ndarray, margin: float, codecs: tuple[int, ...]
+) -> bytes:
+    """Format 1: zlib or bz2 of the zigzag residual's two byte planes and the floor deltas."""
+    zigzag = ((residual << 1) ^ (residual >> 15)).view(np.uint16)
+    deltas = np.diff(floor_at, prepend=0).astype("<u4")
+    payload = (
+        (zigzag & 0xFF).astype(np.uint8).tobytes()
+        + (zigzag >> 8).astype(np.uint8).tobytes()
+        + deltas.tobytes()
+    )
+    codec, packed = min(
+        ((c, _V1_COMPRESS[c](payload)) for c in codecs), key=lambda item: len(item[1])
+    )
+    return _V1_HEADER.pack(_V1_MAGIC, codec, *residual.shape, margin, floor_at.size) + packed
 
 
 def encode_residual(
@@ -186,7 +212,8 @@ def encode_residual(
         values: (C, H, W) float32 restore values in [0, 255]
             (:func:`raeg_pl.io.apply.protector_values` of the protected image, inverse).
         margin: half-width of the untrusted band around rounding boundaries, in levels.
-        codecs: the codec ids to try (2: WebP lossless, 3: LZMA); the smallest is kept.
+        codecs: the codec ids to try (2: WebP lossless, 3: LZMA; 0 and 1 write format 1
+            with zlib or bz2, for comparisons); the smallest is kept.
 
     Returns:
         The sidecar file's bytes.
@@ -198,6 +225,8 @@ def encode_residual(
     frac = values - np.floor(values)
     floor_at = np.flatnonzero(np.abs(frac - np.float32(0.5)) < margin).astype(np.int64)
     residual = original.astype(np.int16) - quantize_values(values, floor_at)
+    if set(codecs) <= set(_V1_COMPRESS):
+        return _encode_v1(residual, floor_at, margin, codecs)
     flat = residual.reshape(-1)
     bodies = []
     if 2 in codecs:
@@ -205,7 +234,7 @@ def encode_residual(
         body = _webp_body(residual, _side_data(floor_at, esc_at, flat[esc_at]))
         if body is not None:
             bodies.append((2, esc_at.size, body))
-    if 3 in codecs or not bodies:
+    if 3 in codecs or not bodies:  # LZMA is always available
         esc_at = np.flatnonzero(_zigzag(flat) >= 255)
         bodies.append(
             (3, esc_at.size, _lzma_body(residual, _side_data(floor_at, esc_at, flat[esc_at])))
