@@ -154,6 +154,32 @@ def test_flat_folder_with_a_labels_file(key, tmp_path):
     assert json.loads((tmp_path / "rec" / MANIFEST).read_text())["num_exact"] == 3
 
 
+def test_a_changed_label_is_protected_again_on_resume(key, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        _image(i).save(flat / f"{i}.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("0.png,cat\n1.png,dog\n2.png,frog\n")
+    first = protect_folder(key, flat, tmp_path / "out", labels=labels, progress=False)
+    assert sorted(first.written) == ["0.png", "1.png", "2.png"]
+    before = (tmp_path / "out" / "1.png").read_bytes()
+    labels.write_text("0.png,cat\n1.png,cat\n2.png,frog\n")
+    again = protect_folder(key, flat, tmp_path / "out", labels=labels, progress=False)
+    assert again.written == ["1.png"] and sorted(again.skipped) == ["0.png", "2.png"]
+    assert (tmp_path / "out" / "1.png").read_bytes() != before
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["files"]["1.png"]["label"] == "cat"
+    # Restore without a sidecar says that it is approximate, and why.
+    rc = commands_main(
+        ["restore", "--key", str(key), "--input", str(tmp_path / "out"),
+         "--output", str(tmp_path / "rec"), "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "approximate restore: the folder was protected without a lossless sidecar" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     ("layout", "csv", "message"),
     [

@@ -1,11 +1,12 @@
 """Protect and restore real image folders: the dataset owner's workflow.
 
-``protect_folder(key, IN, OUT)`` walks ``IN`` recursively and writes, for every image, an
-8-bit PNG protected by the key's generator at the same relative path under ``OUT``, plus
-``OUT/manifest.json``; ``restore_folder(key, OUT, REC)`` inverts a protected folder;
-:func:`raeg_pl.io.verify.verify_store` checks any such folder against its manifest. Both
-commands share one run skeleton (:class:`OwnerRun`: output folder, journal, progress, failures,
-timing) and differ only in what they compute per batch.
+:func:`raeg_pl.io.protect.protect_folder` walks an input folder recursively and writes, for
+every image, an 8-bit PNG protected by the key's generator at the same relative path in
+the output folder, plus its ``manifest.json``; :func:`raeg_pl.io.restore.restore_folder`
+inverts a protected folder; :func:`raeg_pl.io.verify.verify_store` checks any such folder
+against its manifest. This module holds what protect and restore share: one run skeleton
+(:class:`OwnerRun`: output folder, journal, progress, failures, timing), batching, path
+and key checks; the two commands differ only in what they compute per batch.
 
 Inputs
     Formats and conversions: :mod:`raeg_pl.io.reader`. The alpha plane is never sent
@@ -83,6 +84,7 @@ Key = ProtectorKey | InvertibleProtector | str | os.PathLike
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
+    """The absolute, symlink-free form of a user-given path (``~`` expanded)."""
     return Path(path).expanduser().resolve()
 
 
@@ -97,6 +99,7 @@ def check_apart(a: Path, b: Path, name_a: str, name_b: str) -> None:
 
 
 def check_layout(src: Path, out: Path, sidecar: Path | None, in_name: str = "input") -> None:
+    """Refuses a missing input, non-folder outputs and folders nested in one another."""
     if not src.is_dir():
         raise FolderError(f"{in_name} folder not found: {src}")
     for name, path in (("output", out), ("sidecar", sidecar)):
@@ -124,6 +127,7 @@ def load_owner_key(key: Key, classes: Sequence[str] | None) -> ProtectorKey:
 
 
 def torch_device(device: str | torch.device) -> torch.device:
+    """The requested device; :class:`FolderError` when it is unknown or unavailable."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -134,10 +138,12 @@ def torch_device(device: str | torch.device) -> torch.device:
 
 
 def read_error(e: OSError) -> str:
+    """The reported reason of a file that could not be read."""
     return f"cannot read ({type(e).__name__}: {e.strerror or e})"
 
 
 def sidecar_totals(entries: dict[str, dict[str, Any]]) -> tuple[int | None, float | None]:
+    """(bytes, bits per pixel) of the sidecar residuals of manifest entries (None: none)."""
     sized = [e for e in entries.values() if e.get("sidecar")]
     if not sized:
         return None, None
@@ -202,14 +208,17 @@ class OwnerRun:
         self.slow = float(os.environ.get(SLOW_ENV) or 0) / 1000.0
 
     def open(self) -> None:
+        """Opens the output folder (lock, journal, temporary files of an earlier run)."""
         self.folder.open()
         self.summary.removed_temp_files = self.folder.removed_temp_files
 
     def fail(self, rel: str, reason: str) -> None:
+        """Records that an input failed, and why."""
         self.summary.failed[rel] = reason
         self.bar.update(1)
 
     def skip(self, rel: str) -> None:
+        """Records an input whose output from an earlier run is still intact."""
         self.summary.skipped.append(rel)
         self.bar.update(1)
 
@@ -231,10 +240,12 @@ class OwnerRun:
             time.sleep(self.slow)
 
     def finish(self, manifest: dict[str, Any], index: dict[str, Any] | None = None) -> None:
+        """Writes the manifest (and the sidecar index) and drops the journal."""
         self.bar.close()
         self.summary.manifest = str(self.folder.finish(manifest, index))
 
     def close(self) -> FolderSummary:
+        """Releases the folder and returns the summary with its timing."""
         self.bar.close()
         self.folder.close()
         self.summary.seconds = time.perf_counter() - self.t0

@@ -60,7 +60,7 @@ def protect_folder(
     """Protects every image under ``input_dir`` into 8-bit PNGs under ``output_dir``.
 
     Resumable: run it again after an interruption (or after adding files) and it finishes
-    the rest. See the module docstring for labels, naming and safety rules.
+    the rest. See :mod:`raeg_pl.io.owner` for labels, naming and safety rules.
 
     Args:
         key: a key file path, a loaded :class:`ProtectorKey`, or a protector (moved to

@@ -144,7 +144,13 @@ def read_source_bytes(path: Path) -> bytes:
 
 
 def plan_output_names(rels: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Output PNG names for input relative paths (see the module docstring for the rule).
+    """Output PNG names for input relative paths.
+
+    ``a/b.jpg`` -> ``a/b.png``. When several inputs would get the same output name
+    (``a.jpg`` and ``a.png``), the input whose own name is that ``.png`` name keeps it and
+    every other one keeps its full name plus ``.png`` (``a.jpg`` -> ``a.jpg.png``); a name
+    that still collides is a failure. The rule depends only on the set of input names,
+    never on their order.
 
     Returns:
         (names, failures): ``names[input] = output``; ``failures[input] = reason`` for inputs
