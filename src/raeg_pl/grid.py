@@ -50,7 +50,7 @@ from raeg_pl.config import (
 )
 from raeg_pl.stages.check import GridBuildError, check_grid_builds
 from raeg_pl.stages.common import StageRecipeError, StageRunner, slug, stage_done, stage_of
-from raeg_pl.stages.export import export_clean_folder, method_export_stage
+from raeg_pl.stages.export import export_clean_folder, export_method
 from raeg_pl.stages.protector import run_protector
 from raeg_pl.stages.surrogate import run_surrogates
 from raeg_pl.utils.files import write_atomic_text
@@ -185,11 +185,13 @@ class Grid(StageRunner):
 
     # ------------------------------------------------------------------ stages
     def shared_surrogates(self) -> list[Path]:
+        """The surrogate stages (linked from ``reuse_from`` when they match); checkpoints."""
         for i in range(len(self.cfg["surrogates"])):
             self._reuse(f"surrogate_{i}", f"surrogate_{i}", self._shared_keys())
         return run_surrogates(self)
 
     def row_protector(self, row: str, spec: dict, surrogates: list[Path]) -> Path:
+        """A RAEG row's ``protector_<row>`` stage (linked when it matches); its checkpoint."""
         pspec = row_protector_spec(self.cfg, spec)
         name = f"protector_{row}"
         expect = {**self._shared_keys(), "protector": pspec}
@@ -199,10 +201,7 @@ class Grid(StageRunner):
         return run_protector(self, surrogates, name=name, spec=pspec)
 
     def method_stage(self, row: str, spec: dict, surrogates: list[Path]) -> dict:
-        from raeg_pl.data.datamodule import ImageClassificationDataModule
-        from raeg_pl.lit.protector import load_surrogate
-        from raeg_pl.methods import create_method
-
+        """The row's ``methods/<row>`` stage (and, for RAEG, its protector stage first)."""
         spec = row_spec(self.cfg, spec)
         params = row_method_params(spec)
         # A row may attack (or train its protector against) a subset of the surrogates.
@@ -210,30 +209,17 @@ class Grid(StageRunner):
         surrogates = [surrogates[int(i)] for i in picked] if picked is not None else surrogates
         if params.get("kind") == "raeg":
             params["checkpoint"] = str(self.row_protector(row, spec, surrogates))
+        heldout_stages = [self._pirate_dir(CLEAN, a, "none", self.seeds[0]) for a in self.heldout]
 
         def run(stage_dir):
-            import torch
-
-            dm = ImageClassificationDataModule(**self.data_cfg)
-            dm.setup()
-            models = [load_surrogate(p) for p in surrogates]
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            method = create_method(params, models, device=device, seed=self.seed)
-            heldout = {}
-            for arch in self.heldout:
-                ckpt = self._pirate_dir(CLEAN, arch, "none", self.seeds[0]) / "checkpoints"
-                if (ckpt / "last.ckpt").is_file():
-                    heldout[arch] = load_surrogate(ckpt / "last.ckpt")
-                else:
-                    self.say(f"held-out classifier {arch}: no clean run yet, left out")
-            return method_export_stage(
+            return export_method(
                 stage_dir,
-                method,
-                dm,
+                params,
+                surrogates,
+                {a: d / "checkpoints" / "last.ckpt" for a, d in zip(self.heldout, heldout_stages)},
+                self.data_cfg,
                 self.eval_defenses,
-                models[0],
-                heldout,
-                data_cfg=self.data_cfg,
+                seed=self.seed,
                 inference_per_class=self.cfg.get("inference_per_class"),
                 extra={
                     "grid": {
@@ -243,9 +229,9 @@ class Grid(StageRunner):
                         "method": params["kind"],
                     }
                 },
+                say=self.say,
             )
 
-        heldout_stages = [self._pirate_dir(CLEAN, a, "none", self.seeds[0]) for a in self.heldout]
         recipe = {
             "stage": "method",
             "spec": spec,
@@ -263,10 +249,12 @@ class Grid(StageRunner):
         return self.run_stage(f"methods/{row}", run, recipe)
 
     def _pirate_dir(self, row: str, arch: str, defense: str, seed: int, source: str = "") -> Path:
+        """``pirates/<row>/<arch>/<defence or authorized>/seed<k>`` of the grid folder."""
         leaf = "authorized" if source == "recovered" else slug(defense)
         return self.run_dir / "pirates" / row / arch / leaf / f"seed{seed}"
 
     def pirate_stage(self, row: str, arch: str, defense: str, seed: int, source: str) -> dict:
+        """One classifier of the grid: ``arch`` on a row's ``source`` files after ``defense``."""
         folder = {
             "clean": ("methods", CLEAN, "clean"),
             "protected": ("methods", row, "protected"),

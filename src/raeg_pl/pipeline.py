@@ -108,8 +108,10 @@ class Pipeline(StageRunner):
         exp = self.export(prot, sur)
         if not single_process_from_here():
             return {}
-        key = self.owner_key(prot)
         clfs = self.classifiers()
+        # After the classifiers: a key that cannot be written stops the run without costing
+        # them, and the rerun that follows finds every stage done.
+        key = self.owner_key(prot)
         results = summarise(self.cfg, self.run_dir, exp, clfs)
         results.update(key)
         results["pipeline_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)

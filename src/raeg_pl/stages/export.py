@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -180,6 +181,61 @@ def export_stage(
     return results
 
 
+def export_method(
+    stage_dir: Path,
+    params: dict,
+    surrogate_ckpts: list[Path],
+    heldout_ckpts: dict[str, Path],
+    data_cfg: dict,
+    eval_defenses: list[str],
+    seed: int = 0,
+    inference_per_class: int | None = None,
+    extra: dict | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Builds a method from its row parameters and exports and measures it (a grid stage).
+
+    Args:
+        stage_dir: the stage folder.
+        params: ``{"kind": ..., **constructor arguments}``
+            (:func:`raeg_pl.methods.create_method`); a RAEG row's holds its ``checkpoint``.
+        surrogate_ckpts: the surrogates the method attacks; the first one also measures.
+        heldout_ckpts: clean-trained classifiers by name; those not trained yet are left
+            out, with a message.
+        data_cfg: the owner's data.
+        eval_defenses: real defence specs for the inference-time figures.
+        seed: the method's seed.
+        inference_per_class: see :func:`method_export_stage`.
+        extra: more result fields.
+        say: prints a progress line.
+    """
+    from raeg_pl.lit.protector import load_surrogate
+    from raeg_pl.methods import create_method
+
+    dm = ImageClassificationDataModule(**data_cfg)
+    dm.setup()
+    models = [load_surrogate(p) for p in surrogate_ckpts]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = create_method(params, models, device=device, seed=seed)
+    heldout = {}
+    for name, ckpt in heldout_ckpts.items():
+        if Path(ckpt).is_file():
+            heldout[name] = load_surrogate(ckpt)
+        else:
+            say(f"held-out classifier {name}: no clean run yet, left out")
+    return method_export_stage(
+        stage_dir,
+        method,
+        dm,
+        eval_defenses,
+        models[0],
+        heldout,
+        data_cfg=data_cfg,
+        inference_per_class=inference_per_class,
+        extra=extra,
+    )
+
+
 def export_clean_folder(folder: Path, data_cfg: dict) -> None:
     """Writes the clean training split as a PNG folder, unless a complete one is there."""
     from raeg_pl.io.protected import is_complete, write_image_folder
@@ -225,6 +281,7 @@ def run_export(runner: StageRunner, protector_ckpt: Path, surrogate_ckpts: list[
 __all__ = [
     "accuracy",
     "export_clean_folder",
+    "export_method",
     "export_stage",
     "method_export_stage",
     "run_export",
