@@ -141,6 +141,11 @@ def test_pipeline_exports_write_the_current_manifest(tmp_path) -> None:
     summary = verify_store(tmp_path / "out")
     assert list(summary.tampered) == ["train/b/0.png"] and not summary.missing
     assert verify_folder(tmp_path / "out")["modified"] == ["train/b/0.png"]
+    # Sources outside class folders: labels are kept, folders are not cross-checked.
+    flat = write_image_folder(
+        tmp_path / "flat", x, labels, ["a", "b"], ["0.png", "1.png", "2.png", "3.png"], "clean"
+    )
+    assert flat["label_folder_level"] is None and verify_store(tmp_path / "flat").ok
 
 
 # --------------------------------------------------------------------- apply_protector

@@ -251,7 +251,11 @@ def write_image_folder(
         classes=list(classes),
         source_fingerprint=source_fp,
         protector_fingerprint=made_with,
-        label_folder_level=1,
+        # Class-folder sources (``<class>/...``) give ``<split>/<class>/...`` outputs, whose
+        # folder the verifier cross-checks with the label; other layouts are not checked.
+        label_folder_level=1
+        if all(e["label"] == rel.split("/")[1] for rel, e in entries.items())
+        else None,
         **fields,
     )
     text = manifest_text(manifest)
