@@ -280,16 +280,20 @@ def run_callbacks(
     history = MetricHistory()
     callbacks.append(history)
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        dirpath = str(Path(run_dir) / "checkpoints")
+        # Lightning writes last.ckpt only in a step where a top-k checkpoint was written (for
+        # a monitored metric: only when it improved), so an unmonitored checkpoint whose one
+        # slot holds the newest epoch writes it: a stage stopped mid-training resumes from
+        # its last finished epoch, not from its best one or from scratch.
         callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(Path(run_dir) / "checkpoints"),
-                filename="best",
-                monitor=monitor,
-                mode=mode,
-                save_last=True,
-                save_top_k=1 if monitor else 0,
-            )
+            ModelCheckpoint(dirpath=dirpath, filename="latest", save_last=True, save_top_k=1)
         )
+        if monitor:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1
+                )
+            )
     callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if not any(isinstance(c, ProgressReport) for c in callbacks):
         callbacks.append(ProgressReport(stage_label(run_dir), every_s=progress_every_s))
