@@ -156,3 +156,46 @@ def fake_data(tmp_path_factory) -> Path:
                 img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
                 img.save(folder / f"{split}_{name}_{i:02d}.png")
     return root
+
+
+@pytest.fixture
+def fit_fake_classifier(fake_data):
+    """A function running a real ClassifierLitModule fit on :func:`fake_data`.
+
+    ``fit(stage_dir, epochs, callbacks=None, monitor="val/acc", ckpt_path=None,
+    **trainer_kwargs)`` fits a tiny ResNet with the run's callbacks
+    (:func:`raeg_pl.utils.trainer.run_callbacks`) and loggers and returns the Trainer.
+    """
+    import lightning as L
+
+    from raeg_pl.data import ImageClassificationDataModule
+    from raeg_pl.lit.classifier import ClassifierLitModule
+    from raeg_pl.utils.trainer import run_callbacks, run_loggers
+
+    def fit(stage, epochs, callbacks=None, monitor="val/acc", ckpt_path=None, **trainer_kwargs):
+        L.seed_everything(0)
+        dm = ImageClassificationDataModule(
+            dataset="fake",
+            data_dir=str(fake_data),
+            cache_dir=str(Path(stage).parent / "cache"),
+            download=False,
+            val_per_class=2,
+            batch_size=6,
+            val_on_test=True,
+        )
+        model = ClassifierLitModule(arch="resnet_tiny_cifar", num_classes=3, lr=0.05)
+        all_callbacks, _ = run_callbacks(stage, callbacks, monitor=monitor)
+        trainer = L.Trainer(
+            default_root_dir=str(stage),
+            max_epochs=epochs,
+            callbacks=all_callbacks,
+            logger=run_loggers(stage),
+            accelerator="cpu",
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            **{"enable_progress_bar": False, **trainer_kwargs},
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer
+
+    return fit

@@ -12,8 +12,6 @@ import lightning as L
 from raeg_pl.utils.callbacks import ProgressReport, format_duration
 from raeg_pl.utils.trainer import (
     LIGHTNING_RANK_ZERO_LOGGERS,
-    run_callbacks,
-    run_loggers,
     stage_label,
 )
 
@@ -27,38 +25,6 @@ class _Terminal(io.StringIO):
         return True
 
 
-def _classifier_fit(fake_data, tmp_path, epochs: int, callbacks=None, **trainer_kwargs):
-    """A real ClassifierLitModule fit on the fake ImageFolder with the run's callbacks."""
-    from raeg_pl.data import ImageClassificationDataModule
-    from raeg_pl.lit.classifier import ClassifierLitModule
-
-    L.seed_everything(0)
-    dm = ImageClassificationDataModule(
-        dataset="fake",
-        data_dir=str(fake_data),
-        cache_dir=str(tmp_path / "cache"),
-        download=False,
-        val_per_class=2,
-        batch_size=6,
-        val_on_test=True,
-    )
-    model = ClassifierLitModule(arch="resnet_tiny_cifar", num_classes=3, lr=0.05)
-    stage = tmp_path / "surrogate_0"
-    all_callbacks, _ = run_callbacks(stage, callbacks)
-    trainer = L.Trainer(
-        default_root_dir=str(stage),
-        max_epochs=epochs,
-        callbacks=all_callbacks,
-        logger=run_loggers(stage),
-        accelerator="cpu",
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **{"enable_progress_bar": False, **trainer_kwargs},
-    )
-    trainer.fit(model, datamodule=dm)
-    return trainer
-
-
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42.4, 185, 7440)] == ["0s", "42s", "3m05s", "2h04m"]
 
@@ -69,7 +35,9 @@ def test_stage_label_names_grid_pirates_by_their_cell(tmp_path):
     assert stage_label(leaf) == "pirates/raeg/vgg/none/seed0"
 
 
-def test_a_fit_writes_one_line_per_epoch_and_no_tips(fake_data, tmp_path, capsys):
+def test_a_fit_writes_one_line_per_epoch_and_no_tips(
+    fake_data, fit_fake_classifier, tmp_path, capsys
+):
     # Messages Lightning logs at rank zero, seen where the Trainer sends them.
     records: list[str] = []
     handler = logging.Handler(logging.INFO)
@@ -87,7 +55,7 @@ def test_a_fit_writes_one_line_per_epoch_and_no_tips(fake_data, tmp_path, capsys
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             capsys.readouterr()
-            _classifier_fit(fake_data, tmp_path, epochs=2)
+            fit_fake_classifier(tmp_path / "surrogate_0", epochs=2)
             out = capsys.readouterr().out
     finally:
         for log, level in zip(loggers, levels, strict=True):
@@ -109,10 +77,10 @@ def test_a_fit_writes_one_line_per_epoch_and_no_tips(fake_data, tmp_path, capsys
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
 
 
-def test_a_long_epoch_reports_its_steps(fake_data, tmp_path):
+def test_a_long_epoch_reports_its_steps(fake_data, fit_fake_classifier, tmp_path):
     log = io.StringIO()
     report = ProgressReport("pirate_none", every_s=0.0, stream=log)
-    _classifier_fit(fake_data, tmp_path, epochs=1, callbacks=[report])
+    fit_fake_classifier(tmp_path / "surrogate_0", epochs=1, callbacks=[report])
     lines = log.getvalue().splitlines()
     # 18 training images in batches of 6: three steps, each followed by a line (every_s=0).
     steps = [line for line in lines if ", step " in line]
@@ -126,30 +94,32 @@ def test_a_long_epoch_reports_its_steps(fake_data, tmp_path):
     assert "\r" not in log.getvalue()  # a log gets whole lines, never a redrawn bar
 
 
-def test_a_terminal_gets_a_bar_unless_lightning_draws_one(fake_data, tmp_path):
+def test_a_terminal_gets_a_bar_unless_lightning_draws_one(fake_data, fit_fake_classifier, tmp_path):
     term = _Terminal()
     report = ProgressReport("protector", stream=term)
     report.redraw_s = 0.0
-    _classifier_fit(fake_data, tmp_path / "a", epochs=1, callbacks=[report])
+    fit_fake_classifier(tmp_path / "a" / "surrogate_0", epochs=1, callbacks=[report])
     text = term.getvalue()
     assert "\r" in text and "|######" in text and "[protector] epoch 1/1 done" in text
     # Lightning's own bar on a terminal: this callback stays silent.
     term = _Terminal()
     report = ProgressReport("protector", stream=term)
     report.redraw_s = 0.0
-    _classifier_fit(
-        fake_data, tmp_path / "b", epochs=1, callbacks=[report], enable_progress_bar=True
+    fit_fake_classifier(
+        tmp_path / "b" / "surrogate_0", epochs=1, callbacks=[report], enable_progress_bar=True
     )
     assert term.getvalue() == ""
 
 
-def test_protector_lines_show_fidelity_protection_and_the_controller(fake_data, tmp_path):
+def test_protector_lines_show_fidelity_protection_and_the_controller(
+    fake_data, fit_fake_classifier, tmp_path
+):
     """The protector's epoch line names what a newcomer watches: PSNR protected and
     recovered, the surrogate's accuracy on protected validation images, l_img's weight."""
     from raeg_pl.data import ImageClassificationDataModule
     from raeg_pl.lit.protector import ProtectorLitModule
 
-    surrogate = _classifier_fit(fake_data, tmp_path / "s", epochs=1)
+    surrogate = fit_fake_classifier(tmp_path / "s" / "surrogate_0", epochs=1)
     ckpt = surrogate.checkpoint_callback.last_model_path
     dm = ImageClassificationDataModule(
         dataset="fake",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raeg_pl.models.protector import InvertibleProtector
+from raeg_pl.models.protector import InvertibleProtector, label_embedding
 
 __all__ = [
     "GENERATORS",
@@ -226,27 +226,6 @@ class EncoderDecoderProtector(nn.Module):
         """Whether the map depends on a class label (``num_classes > 0``)."""
         return self.num_classes > 0
 
-    def _condition(
-        self, embed: nn.Embedding | None, labels: torch.Tensor | None, x: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The (B, cond_channels, 1, 1) label embedding (None when unconditioned)."""
-        if embed is None:
-            return None
-        if labels is None:
-            raise ValueError(
-                f"this protector is conditioned on the class label ({self.num_classes} "
-                "classes): pass the images' labels to forward and inverse"
-            )
-        labels = torch.as_tensor(labels, device=x.device).reshape(-1).long()
-        if labels.numel() != x.shape[0]:
-            raise ValueError(f"got {labels.numel()} labels for {x.shape[0]} images")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        return embed(labels).float()[:, :, None, None]
-
     def _apply_residual(
         self,
         net: _ResidualUNet,
@@ -264,7 +243,7 @@ class EncoderDecoderProtector(nn.Module):
         pad_h, pad_w = (-h) % mult, (-w) % mult
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            cond = self._condition(embed, labels, x)
+            cond = label_embedding(embed, labels, x, self.num_classes)
             padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
             return x + net(padded, cond)[..., :h, :w]
 

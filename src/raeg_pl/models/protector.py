@@ -32,7 +32,45 @@ __all__ = [
     "InvertibleProtector",
     "haar_downsample",
     "haar_upsample",
+    "label_embedding",
 ]
+
+
+def label_embedding(
+    embed: nn.Embedding | None,
+    labels: torch.Tensor | None,
+    x: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor | None:
+    """The (B, cond_channels, 1, 1) float32 class embedding of a label-conditioned protector.
+
+    Args:
+        embed: the protector's embedding table, or None for an unconditioned protector.
+        labels: (B,) int class labels in ``[0, num_classes)``; required when ``embed`` is set.
+        x: the (B, ...) batch the labels belong to (its size and device are used).
+        num_classes: classes of the condition, for the error messages.
+
+    Returns:
+        The embedding, or None when ``embed`` is None.
+
+    Raises:
+        ValueError: labels are missing, of the wrong count, or out of range.
+    """
+    if embed is None:
+        return None
+    if labels is None:
+        raise ValueError(
+            f"this protector is conditioned on the class label ({num_classes} "
+            "classes): pass the images' labels to forward and inverse"
+        )
+    labels = torch.as_tensor(labels, device=x.device).reshape(-1).long()
+    if labels.numel() != x.shape[0]:
+        raise ValueError(f"got {labels.numel()} labels for {x.shape[0]} images")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return embed(labels).float()[:, :, None, None]
 
 
 def haar_downsample(x: torch.Tensor) -> torch.Tensor:
@@ -415,22 +453,7 @@ class InvertibleProtector(nn.Module):
 
     def _condition(self, labels: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
         """The (B, cond_channels, 1, 1) label embedding (None when unconditioned)."""
-        if self.embed is None:
-            return None
-        if labels is None:
-            raise ValueError(
-                f"this protector is conditioned on the class label ({self.num_classes} "
-                "classes): pass the images' labels to forward and inverse"
-            )
-        labels = torch.as_tensor(labels, device=z.device).reshape(-1).long()
-        if labels.numel() != z.shape[0]:
-            raise ValueError(f"got {labels.numel()} labels for {z.shape[0]} images")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        return self.embed(labels).float()[:, :, None, None]
+        return label_embedding(self.embed, labels, z, self.num_classes)
 
     @staticmethod
     def _at(cond: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | None:
