@@ -137,3 +137,13 @@ def test_unknown_pipeline_keys_are_refused(tmp_path):
     bad.write_text(f"defaults: [{QUICK}]\npirates: {{}}\n")
     with pytest.raises(ValueError, match="pirates"):
         load_pipeline_config(bad)
+
+
+@pytest.mark.parametrize("key", ["max_epochs", "logger"])
+def test_a_trainer_argument_each_stage_sets_is_refused_with_the_fix(tmp_path, key):
+    from raeg_pl.stages.common import make_trainer
+
+    with pytest.raises(ValueError, match=rf"trainer\.{key} is set by each stage.*max_epochs=N"):
+        make_trainer(tmp_path / "surrogate_0", {key: 3}, 2, None, None)
+    trainer, _ = make_trainer(tmp_path / "surrogate_0", {"max_steps": 3}, 2, None, None)
+    assert trainer.max_epochs == 2 and trainer.max_steps == 3

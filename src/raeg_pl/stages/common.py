@@ -96,6 +96,10 @@ def single_process_from_here() -> bool:
 
 
 # ------------------------------------------------------------------ training
+#: Trainer arguments every stage sets itself; a config's ``trainer`` section must not.
+STAGE_OWNED_TRAINER_ARGS = ("max_epochs", "default_root_dir", "callbacks", "logger")
+
+
 def make_trainer(
     stage_dir: Path,
     trainer_cfg: dict,
@@ -117,6 +121,14 @@ def make_trainer(
         mode: ``"max"`` or ``"min"`` for ``monitor``.
         **extra: more Trainer arguments (they override ``trainer_cfg``).
     """
+    owned = sorted(set(trainer_cfg) & set(STAGE_OWNED_TRAINER_ARGS))
+    if owned:
+        raise ValueError(
+            f"{stage_dir}: trainer.{owned[0]} is set by each stage, not by the trainer "
+            "section: give each stage its own (e.g. protector.max_epochs=N, "
+            "pirate.max_epochs=N, surrogates.<i>.max_epochs) or cap every fit with "
+            "trainer.max_steps / trainer.limit_train_batches"
+        )
     callbacks, history = run_callbacks(stage_dir, monitor=monitor, mode=mode)
     trainer = L.Trainer(
         default_root_dir=str(stage_dir),
