@@ -410,7 +410,7 @@ def test_plots_draw_one_point_per_complete_method(grid_dir, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_writes_every_expected_file(grid_dir, tmp_path, capsys):
+def test_cli_writes_every_expected_file(grid_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "tables"
     assert raeg_main(["table", "--runs", str(grid_dir), "--out", str(out)]) == 0
     expected = {
@@ -424,6 +424,11 @@ def test_cli_writes_every_expected_file(grid_dir, tmp_path, capsys):
     for name in expected - {"README.md"}:
         assert f"({name})" in index
     assert "Profile: quick." in index and str(grid_dir.resolve()) in index
+    # Run below the working directory: named relative to it, as a committed index must be.
+    monkeypatch.chdir(grid_dir.parent)
+    assert raeg_main(["table", "--runs", str(grid_dir), "--out", str(tmp_path / "rel")]) == 0
+    index = (tmp_path / "rel" / "README.md").read_text()
+    assert f"- `{grid_dir.name}` (" in index and str(grid_dir.resolve()) not in index
     assert "`0123456789ab`" in index  # the runs' git commit
     assert "Pirate accuracy" in (out / "main.md").read_text()
 

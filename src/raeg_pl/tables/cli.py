@@ -19,6 +19,18 @@ TABLES = ("main", "fidelity", "robustness", "inference", "summary")
 PLOTS = ("psnr_vs_pirate.png", "robustness.png")
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else as given.
+
+    A table index committed with a repository then names its run folders relative to the
+    checkout, never by an absolute path of the machine that built it.
+    """
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def write_index(res: Results, out: Path, tables: list[Table], plots: list[str]) -> Path:
     """``<out>/README.md``: profile, run directories, and links to every table and plot."""
     lines = [
@@ -35,7 +47,7 @@ def write_index(res: Results, out: Path, tables: list[Table], plots: list[str]) 
             if g.path.name == "grid.json"
             else "no grid.json (plan taken from its results)"
         )
-        lines.append(f"- `{d.resolve()}` ({what})")
+        lines.append(f"- `{shown_path(d)}` ({what})")
     lines += [
         "",
         "| table | markdown | LaTeX | CSV | cells missing |",
