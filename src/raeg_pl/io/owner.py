@@ -70,7 +70,6 @@ __all__ = [
     "check_apart",
     "check_layout",
     "load_owner_key",
-    "read_error",
     "resolve_path",
     "sidecar_totals",
     "torch_device",
@@ -135,11 +134,6 @@ def torch_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FolderError(f"device {device!r} requested but CUDA is not available")
     return dev
-
-
-def read_error(e: OSError) -> str:
-    """The reported reason of a file that could not be read."""
-    return f"cannot read ({type(e).__name__}: {e.strerror or e})"
 
 
 def sidecar_totals(entries: dict[str, dict[str, Any]]) -> tuple[int | None, float | None]:

@@ -20,7 +20,6 @@ from raeg_pl.io.owner import (
     OwnerRun,
     check_layout,
     load_owner_key,
-    read_error,
     resolve_path,
     sidecar_totals,
     torch_device,
@@ -32,6 +31,7 @@ from raeg_pl.io.reader import (
     list_images,
     pixel_sha256,
     plan_output_names,
+    read_error,
     read_source_bytes,
 )
 from raeg_pl.io.sidecar import LOSSLESS_MARGIN, SIDECAR_SUFFIX, default_sidecar_dir, encode_residual

@@ -56,6 +56,7 @@ __all__ = [
     "pixel_sha256",
     "plan_output_names",
     "read_png",
+    "read_error",
     "read_source_bytes",
     "read_stored_png",
     "walk_files",
@@ -141,6 +142,11 @@ def list_class_folder(split_dir: str | os.PathLike) -> tuple[list[str], list[tup
 def read_source_bytes(path: Path) -> bytes:
     """Reads a whole input file (one place, so tests can simulate unreadable files)."""
     return path.read_bytes()
+
+
+def read_error(e: OSError) -> str:
+    """The reported reason of a file that could not be read."""
+    return f"cannot read ({type(e).__name__}: {e.strerror or e})"
 
 
 def plan_output_names(rels: list[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -29,11 +29,10 @@ from raeg_pl.io.owner import (
     check_apart,
     check_layout,
     load_owner_key,
-    read_error,
     resolve_path,
     torch_device,
 )
-from raeg_pl.io.reader import pixel_sha256, read_source_bytes, read_stored_png
+from raeg_pl.io.reader import pixel_sha256, read_error, read_source_bytes, read_stored_png
 from raeg_pl.io.sidecar import SIDECAR_INDEX, decode_residual, default_sidecar_dir
 from raeg_pl.io.summary import FolderSummary
 from raeg_pl.io.verify import find_moved, label_checks, present_files

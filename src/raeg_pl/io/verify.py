@@ -15,16 +15,12 @@ from typing import Any
 
 from raeg_pl.io.labels import label_problem
 from raeg_pl.io.manifest import MANIFEST, read_manifest
-from raeg_pl.io.reader import embedded_label, walk_files
+from raeg_pl.io.reader import embedded_label, read_error, walk_files
 from raeg_pl.io.sidecar import default_sidecar_dir
 from raeg_pl.io.summary import FolderSummary
 from raeg_pl.utils.files import sha256_file
 
 __all__ = ["find_moved", "present_files", "verify_store"]
-
-
-def _read_error(e: OSError) -> str:
-    return f"cannot read ({type(e).__name__}: {e.strerror or e})"
 
 
 def present_files(folder: Path, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -107,7 +103,7 @@ def verify_store(
         try:
             good = sha256_file(root / rel) == entry["sha256"]
         except OSError as e:
-            summary.failed[rel] = _read_error(e)
+            summary.failed[rel] = read_error(e)
             continue
         if not good:
             summary.modified.append(rel)
@@ -128,7 +124,7 @@ def verify_store(
                     summary.failed[rel] = f"sidecar {sc['file']} modified"
                     continue
             except OSError as e:
-                summary.failed[rel] = f"sidecar {sc['file']}: {_read_error(e)}"
+                summary.failed[rel] = f"sidecar {sc['file']}: {read_error(e)}"
                 continue
         summary.ok_files.append(rel)
     if manifest.get("kind") == "recovered":
