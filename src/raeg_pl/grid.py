@@ -264,10 +264,14 @@ class Grid(StageRunner):
         adv = parse_adv_train(defense)
         if adv:
             spec = deep_merge(spec, {"model": adv})
+        # Seed k sets the pirate's initialisation and DataLoader order (global seed 100 + k)
+        # and its validation split and on-device order (data seed: the config's + k).
+        data_seed = self.config_data_seed(spec) + seed
         data = {
             "train_dir": str(self.run_dir.joinpath(*folder) / "train"),
             "train_defense": None if (adv or defense == "none") else defense,
             "train_per_class": None,
+            "seed": data_seed,
         }
         stage_dir = self._pirate_dir(row, arch, defense, seed, source)
         grid = {
@@ -292,7 +296,7 @@ class Grid(StageRunner):
             )
 
         upstream = None if source == "clean" else self.recipes.get(f"methods/{row}")
-        recipe = self.classifier_recipe(spec, 100 + seed, source, defense, upstream)
+        recipe = self.classifier_recipe(spec, 100 + seed, source, defense, upstream, data_seed)
         return self.run_stage(str(stage_dir.relative_to(self.run_dir)), run, recipe)
 
     def clean_export(self) -> None:

@@ -348,6 +348,11 @@ class StageRunner:
             extra=extra,
         )
 
+    def config_data_seed(self, spec: dict) -> int:
+        """The data module seed a classifier stage of ``spec`` gets from the config: the
+        ``data`` section's (or the spec's) ``seed``, else the data module's default, 0."""
+        return int(deep_merge(self.data_cfg, spec.get("data") or {}).get("seed", 0))
+
     def classifier_recipe(
         self,
         spec: dict,
@@ -355,13 +360,23 @@ class StageRunner:
         source: str = "clean",
         defense: str = "none",
         upstream: str | None = None,
+        data_seed: int | None = None,
     ) -> dict:
         """The recipe of a classifier stage: its spec, data, trainer and seed, the data
-        source and pirate defence, and the recipe hash of the stage that made its data."""
+        source and pirate defence, and the recipe hash of the stage that made its data.
+
+        ``data_seed`` is the stage's data module seed (train/validation split, on-device
+        training order) when the stage sets its own. The recipe's ``data`` section then
+        holds it, unless it equals the config's (:meth:`config_data_seed`): a stage that
+        splits and orders its data as the config does keeps the recipe it always had.
+        """
+        data = self.data_cfg
+        if data_seed is not None and data_seed != self.config_data_seed(spec):
+            data = {**data, "seed": data_seed}
         return {
             "stage": "classifier",
             "spec": spec,
-            "data": self.data_cfg,
+            "data": data,
             "trainer": self.trainer_cfg,
             "seed": seed,
             "source": source,
