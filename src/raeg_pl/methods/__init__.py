@@ -17,6 +17,9 @@ METHODS = {
     "poison": "raeg_pl.methods.pgd:TargetedPoisonMethod",
     "unlearnable": "raeg_pl.methods.unlearnable:ErrorMinimizingNoiseMethod",
     "rdh": "raeg_pl.methods.rdh:ReversibleDataHidingMethod",
+    "classwise_noise": "raeg_pl.methods.controls:ClasswiseNoiseMethod",
+    "samplewise_noise": "raeg_pl.methods.controls:SamplewiseNoiseMethod",
+    "ops": "raeg_pl.methods.controls:OnePixelShortcutMethod",
 }
 
 
