@@ -181,3 +181,57 @@ def test_bad_arguments_are_named(kwargs, message):
     args = {"eps": EPS, "step_size": 1 / 255, "steps": 1} | kwargs
     with pytest.raises(ValueError, match=message):
         pgd_linf(torch.zeros(2, 3, 4, 4), lambda x: x.sum(), **args)
+
+
+def test_l2_ball_holds_per_image_and_the_attack_reaches_its_sphere():
+    from raeg_pl.attacks import l2_radius_for_psnr
+
+    model, (x0, y) = tiny_model(), batch()
+    radius = torch.linspace(0.1, 0.8, len(x0))
+    info: dict = {}
+    x = pgd_linf(
+        x0,
+        ce(model, y),
+        eps=1.0,
+        step_size=0.1,
+        steps=30,
+        l2_radius=radius,
+        info=info,
+        random_start=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert_in_box(x, x0, 1.0)
+    norms = (x - x0).flatten(1).norm(dim=1)
+    assert (norms <= radius + 1e-5).all()
+    # An ascent attack uses its whole ball (up to what the [0, 1] box cuts).
+    assert (norms >= 0.9 * radius).all(), (norms, radius)
+    assert info["steps"] == 30 and info["stopped_early"] is False
+    with pytest.raises(ValueError, match="l2_radius"):
+        pgd_linf(x0, ce(model, y), eps=1.0, step_size=0.1, steps=1, l2_radius=-1.0)
+    with pytest.raises(ValueError, match="per image needs l2_radius"):
+        pgd_linf(x0, ce(model, y), eps=1.0, step_size=torch.ones(8), steps=1)
+    # 33 dB of a 3x32x32 image: MSE 5.01e-4 less the 8-bit rounding error's share.
+    r = l2_radius_for_psnr(33.0, 3072)
+    expected = (3072 * (10**-3.3 - 1 / 12 / 255**2)) ** 0.5
+    assert abs(r - expected) < 1e-9
+    assert l2_radius_for_psnr(33.0, 3072, quantized=False) > r
+
+
+def test_patience_stops_a_plateaued_attack_and_keeps_its_best_iterate():
+    x0, _ = batch()
+    calls = []
+
+    def flat(x):  # a loss that never improves after its first value
+        calls.append(1)
+        return (x * 0).sum() + 1.0
+
+    info: dict = {}
+    out = pgd_linf(x0, flat, eps=EPS, step_size=1 / 255, steps=50, patience=3, info=info)
+    assert info["stopped_early"] is True and info["steps"] == 3 and len(calls) == 4
+    assert torch.equal(out, x0)  # the best iterate is the first one
+    model, (x0, y) = tiny_model(), batch()
+    info = {}
+    pgd_linf(x0, ce(model, y), eps=EPS, step_size=1 / 255, steps=5, patience=10, info=info)
+    assert info["steps"] == 5 and info["stopped_early"] is False
+    with pytest.raises(ValueError, match="patience"):
+        pgd_linf(x0, flat, eps=EPS, step_size=1 / 255, steps=5, patience=0)

@@ -1,5 +1,5 @@
 """Attacks on classifiers as pure functions of tensors: the one L-inf PGD (:mod:`.pgd`)."""
 
-from raeg_pl.attacks.pgd import pgd_linf
+from raeg_pl.attacks.pgd import l2_radius_for_psnr, pgd_linf
 
-__all__ = ["pgd_linf"]
+__all__ = ["l2_radius_for_psnr", "pgd_linf"]
