@@ -15,7 +15,7 @@ from raeg_pl.data.cache import load_split_cached
 from raeg_pl.methods import create_method
 from raeg_pl.methods.pgd import PGDMethod, TargetedPoisonMethod
 from raeg_pl.methods.unlearnable import ErrorMinimizingNoiseMethod
-from raeg_pl.metrics import from_uint8
+from raeg_pl.metrics import from_uint8, psnr_db
 from raeg_pl.models.classifier import create_classifier
 
 NUM_CLASSES = 10
@@ -235,6 +235,67 @@ def test_poison_class_count_from_surrogate_kwarg_or_logits():
     plain.num_classes, other.num_classes = 7, 5
     with pytest.raises(ValueError, match="disagree"):
         TargetedPoisonMethod([plain, other])
+
+
+# ----------------------------------------------------------------------------------------------
+# PSNR budget and early stop
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("kind", ["pgd", "poison"])
+def test_psnr_budget_lands_on_target_on_real_images(cifar, surrogate, kind):
+    images, labels = (t[:100] for t in cifar["train"])
+    method = create_method({"kind": kind, "psnr": 33.0, "steps": 8}, [surrogate], batch_size=50)
+    assert method.eps is None and method.config()["psnr"] == 33.0
+    out = method.protect(images, labels)
+    psnr = psnr_db(out, images)
+    assert abs(float(psnr.mean()) - 33.0) <= 0.3, float(psnr.mean())
+    # Per image too: the ball holds every image's budget, not only the mean.
+    assert float(psnr.min()) > 32.7, float(psnr.min())
+    # Same budget, no L-inf bound: the attack concentrates far beyond 6 levels.
+    assert linf_levels(out, images) > 12
+    # ...and still works: the surrogate's accuracy falls, or its predictions reach the targets.
+    if kind == "pgd":
+        assert accuracy(surrogate, out, labels) < accuracy(surrogate, images, labels) - 0.2
+    else:
+        target = method.permutation[labels]
+        hits = (predictions(surrogate, out) == target).float().mean().item()
+        assert hits > (predictions(surrogate, images) == target).float().mean().item() + 0.2
+
+
+@pytest.mark.data
+def test_psnr_and_eps_budgets_hold_together(cifar, surrogate):
+    images, labels = (t[:50] for t in cifar["train"])
+    method = PGDMethod([surrogate], eps=6, psnr=36.0, steps=5, batch_size=50)
+    out = method.protect(images, labels)
+    assert linf_levels(out, images) <= 6
+    # The ball bounds every image's distortion, up to 8-bit rounding.
+    psnr = psnr_db(out, images)
+    assert float(psnr.min()) >= 36.0 - 0.5 and float(psnr.mean()) >= 36.0 - 0.3, psnr
+
+
+@pytest.mark.data
+def test_early_stop_stops_once_the_loss_stops_improving(cifar, surrogate):
+    images, labels = (t[:50] for t in cifar["train"])
+    # One level of budget is used up within a few steps of 0.5 levels: the loss plateaus.
+    spec = {"eps": 1, "step_size": 0.5, "steps": 200, "random_start": False}
+    stopped = PGDMethod([surrogate], batch_size=25, patience=3, **spec)
+    out = stopped.protect(images, labels)
+    stats = stopped.config()["stats"]
+    assert stats["stopped_early_batches"] == 2 and stats["mean_steps_run"] < 50, stats
+    assert linf_levels(out, images) <= 1
+    full = PGDMethod([surrogate], batch_size=25, **spec)
+    full.protect(images, labels)
+    assert full.stats["mean_steps_run"] == 200 and full.stats["stopped_early_batches"] == 0
+
+
+def test_pgd_budget_arguments_are_checked():
+    with pytest.raises(ValueError, match="psnr must be > 0"):
+        PGDMethod([SmallCNN()], psnr=0.0)
+    with pytest.raises(ValueError, match="patience"):
+        PGDMethod([SmallCNN()], patience=0)
+    assert PGDMethod([SmallCNN()]).eps == 6.0  # the L-inf default without a PSNR budget
 
 
 # ----------------------------------------------------------------------------------------------

@@ -385,3 +385,39 @@ def test_reveal_rejects_an_image_that_holds_nothing():
     cover = EDGE["uniform128"]
     with pytest.raises(RDHError):
         reveal_perturbation(cover, 2)
+
+
+# ------------------------------------------------------------------------------ RAEG's targets
+def test_targeted_mode_targets_raeg_classes_whatever_the_method_seed():
+    import inspect
+
+    from raeg_pl.lit.protector import ProtectorLitModule
+    from raeg_pl.losses import label_permutation
+
+    raeg_default = inspect.signature(ProtectorLitModule).parameters["target_seed"].default
+    labels = torch.arange(10).repeat(3)
+    probe = torch.zeros(1, 3, 8, 8)
+    for seed in (0, 5):
+        method = ReversibleDataHidingMethod([tiny_surrogate()], targeted=True, seed=seed)
+        assert method.target_seed == raeg_default  # RAEG's own default
+        targets = method._attack_labels(labels, method.surrogates, probe)
+        # The protector's permutation buffer is label_permutation(K, target_seed).
+        assert torch.equal(targets, label_permutation(10, raeg_default)[labels])
+        assert not bool((targets == labels).any())  # a derangement
+    other = ReversibleDataHidingMethod([tiny_surrogate()], targeted=True, target_seed=3)
+    targets = other._attack_labels(labels, other.surrogates, probe)
+    assert torch.equal(targets, label_permutation(10, 3)[labels])
+    assert other.config()["target_seed"] == 3
+
+
+@pytest.mark.data
+def test_psnr_budget_lands_on_target_and_stays_bit_exactly_reversible(cifar):
+    x, y = cifar.test_set.images[:60], cifar.test_set.labels[:60]
+    method = rdh(psnr=33.0, steps=4, targeted=True, batch_size=60)
+    assert method.eps is None and method.config()["psnr"] == 33.0
+    protected = method.protect(x, y)
+    assert torch.equal(method.recover(protected), x)
+    psnr = float(psnr_db(protected, x).mean())
+    assert abs(psnr - 33.0) <= 0.3, psnr
+    # Without an L-inf bound the perturbation concentrates: far beyond the old 6 levels.
+    assert int((protected.short() - x.short()).abs().max()) > 12

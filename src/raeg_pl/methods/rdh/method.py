@@ -14,7 +14,7 @@ from torch import nn
 from raeg_pl.attacks import pgd_linf
 from raeg_pl.losses import label_permutation, targeted_labels
 from raeg_pl.methods.base import ProtectionMethod, batches
-from raeg_pl.methods.pgd import pgd_step_size
+from raeg_pl.methods.pgd import PerturbationBudget
 from raeg_pl.methods.rdh.coding import RDHError, perturbation_code_length
 from raeg_pl.methods.rdh.message import (
     HEADER_BITS,
@@ -65,7 +65,11 @@ class ReversibleDataHidingMethod(ProtectionMethod):
     1. L-inf PGD of ``steps`` signed steps on the surrogates' mean cross-entropy (away from
        the label, or toward ``perm[y]`` when ``targeted``), in 8-bit levels, rounded to an
        integer perturbation ``d`` with ``|d| <= floor(eps)``; the absolute gradients are
-       summed over the steps as each value's saliency;
+       summed over the steps as each value's saliency. ``perm`` is RAEG's own choice of
+       target classes in its targeted mode (``adv_mode: targeted`` of
+       :class:`raeg_pl.lit.protector.ProtectorLitModule`): the derangement
+       :func:`raeg_pl.losses.label_permutation` of ``target_seed``, the protector's
+       default 0, so both methods push each class toward the same class;
     2. per image, the ``k`` most salient non-zero values of ``d`` are kept, with ``k`` the
        largest whose code fits the hiding capacity of ``x + d_k`` (measured, iterated);
     3. PGD again from scratch for ``sparse_steps`` steps on that support only, then the
@@ -74,6 +78,12 @@ class ReversibleDataHidingMethod(ProtectionMethod):
 
     Protected images differ from ``x`` by at most ``floor(eps) + pee_threshold * layers``
     levels (fallback images, which carry no perturbation: ``FALLBACK_THRESHOLD * layers``).
+
+    PSNR budget (``psnr``): both attacks run in the per-image L2 ball of that PSNR
+    (:mod:`raeg_pl.methods.pgd`). The hiding adds its own distortion on top of the
+    perturbation and may drop kept values, so each batch is hidden, measured, and attacked
+    and hidden again in a ball corrected by each image's miss (``budget_passes`` times,
+    :meth:`_meet_psnr`); images whose hiding alone exceeds the budget stay below it.
     :meth:`recover` needs only the protected images (and ``key`` when one was used) and is
     exact, or raises :class:`RDHError` on damaged images: tamper evidence comes from the
     CRC-32 of the original carried in every image (its limits: :mod:`raeg_pl.methods.rdh`).
@@ -83,12 +93,15 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         device: where the attack runs (hiding runs on the CPU with numpy).
         batch_size: images per attack batch.
         seed: seed of the random start and of the label permutation.
-        eps: L-inf radius of the adversarial perturbation in 8-bit levels.
+        eps: L-inf radius of the adversarial perturbation in 8-bit levels; default 6
+            without ``psnr``, no L-inf bound with it.
         steps: PGD steps of the dense attack (support selection).
-        step_size: step in 8-bit levels; default ``2.5 * eps / steps``.
+        step_size: step in 8-bit levels; default ``2.5 * eps / steps``; with ``psnr``, a
+            fraction of the L2 radius, default ``2.5 / steps``.
         sparse_steps: PGD steps on the kept support (default: ``steps``; 0 keeps the dense
             attack's values).
-        targeted: push class ``c`` toward ``label_permutation(num_classes, seed)[c]``.
+        targeted: push class ``c`` toward ``label_permutation(num_classes, target_seed)[c]``,
+            RAEG's targets.
         num_classes: class count for ``targeted``; default the surrogates' ``num_classes``
             attribute, else the width of their logits.
         random_start: start the dense attack at a uniform point of the eps ball.
@@ -97,6 +110,12 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         max_layers: most passes of the data hiding over all slots.
         key: optional integer that scrambles the hidden perturbation; :meth:`recover` of a
             method with another key raises :class:`RDHError`.
+        psnr: PSNR budget of the stored images in dB; None: the eps budget alone.
+        target_seed: seed of the target derangement of ``targeted`` (RAEG's
+            ``target_seed``; keep the two equal).
+        budget_passes: with ``psnr``, re-attack and re-hide passes that correct each
+            image's ball for the distortion of its hiding (each costs a sparse attack and
+            a hiding).
 
     Attributes:
         stats: after :meth:`protect`, means over the images: ``kept_fraction`` (kept /
@@ -119,7 +138,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         device: str | torch.device = "cpu",
         batch_size: int = 256,
         seed: int = 0,
-        eps: float = 6.0,
+        eps: float | None = None,
         steps: int = 10,
         step_size: float | None = None,
         sparse_steps: int | None = None,
@@ -129,14 +148,24 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         pee_threshold: int = 2,
         max_layers: int = 2,
         key: int | None = None,
+        psnr: float | None = None,
+        target_seed: int = 0,
+        budget_passes: int = 2,
     ) -> None:
         super().__init__(surrogates=surrogates, device=device, batch_size=batch_size, seed=seed)
-        step_size = pgd_step_size(eps, steps, step_size)
+        self.budget = PerturbationBudget(6.0 if eps is None and psnr is None else eps, psnr)
+        # 8-bit levels per value (eps budget), or a fraction of the L2 radius (psnr budget).
+        step_size = self.budget.step(steps, step_size) * (1.0 if psnr is not None else 255.0)
         if not 1 <= pee_threshold <= MAX_THRESHOLD:
             raise ValueError(f"pee_threshold must be in [1, {MAX_THRESHOLD}], got {pee_threshold}")
         if not 1 <= max_layers <= MAX_LAYERS:
             raise ValueError(f"max_layers must be in [1, {MAX_LAYERS}], got {max_layers}")
-        self.eps = float(eps)
+        self.eps = self.budget.eps
+        self.psnr = self.budget.psnr
+        self.target_seed = int(target_seed)
+        if budget_passes < 0:
+            raise ValueError(f"budget_passes must be >= 0, got {budget_passes}")
+        self.budget_passes = int(budget_passes)
         self.steps = int(steps)
         self.step_size = step_size
         self.sparse_steps = self.steps if sparse_steps is None else int(sparse_steps)
@@ -161,7 +190,14 @@ class ReversibleDataHidingMethod(ProtectionMethod):
                 self.num_classes = int(models[0](probe[:1]).shape[1])
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"{self.name}: labels must lie in [0, {self.num_classes})")
-        return targeted_labels(labels, label_permutation(self.num_classes, self.seed))
+        return targeted_labels(labels, self.target_permutation)
+
+    @property
+    def target_permutation(self) -> torch.Tensor:
+        """(K,) int64 target class of each class: RAEG's derangement of ``target_seed``."""
+        if self.num_classes is None:
+            raise ValueError(f"{self.name}: num_classes unknown; pass num_classes= or surrogates")
+        return label_permutation(self.num_classes, self.target_seed)
 
     def _pgd(
         self,
@@ -171,6 +207,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         steps: int,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        radius: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """L-inf PGD in 8-bit levels on the device.
 
@@ -181,6 +218,7 @@ class ReversibleDataHidingMethod(ProtectionMethod):
             steps: number of signed gradient steps.
             mask: optional (B, C, H, W) bool support; values outside stay 0.
             generator: CPU generator of the random start (None: start at 0).
+            radius: (B,) L2 radii in levels under a PSNR budget (default: the budget's).
 
         Returns:
             ``(d, saliency)``: (B, C, H, W) int16 integer perturbation on the CPU with
@@ -198,12 +236,16 @@ class ReversibleDataHidingMethod(ProtectionMethod):
         def accumulate(i: int, adv: torch.Tensor, grad: torch.Tensor) -> None:
             saliency.add_(grad.abs())
 
+        if self.psnr is not None and radius is None:
+            radius = torch.full((len(x0),), 255.0 * self.budget.l2_radius(x0.shape[1:]))
+        if radius is not None:
+            radius = radius.to(device=x0.device, dtype=x0.dtype)
         # In 8-bit levels (images in [0, 255]): the perturbation is rounded to whole levels.
         adv = pgd_linf(
             x0,
             loss_fn,
-            eps=self.eps,
-            step_size=self.step_size,
+            eps=255.0 * self.budget.linf,
+            step_size=self.step_size if radius is None else self.step_size * radius,
             steps=steps,
             direction=-1 if self.targeted else 1,
             max_value=255.0,
@@ -211,9 +253,10 @@ class ReversibleDataHidingMethod(ProtectionMethod):
             generator=generator,
             mask=mask,
             callback=accumulate,
+            l2_radius=radius,
         )
         delta = adv - x0
-        levels = math.floor(self.eps + 1e-6)
+        levels = 255 if self.eps is None else math.floor(self.eps + 1e-6)
         d = torch.round(delta.detach()).clamp_(-levels, levels)
         d = (x0 + d).clamp_(0, 255) - x0
         return d.to(torch.int16).cpu(), saliency.cpu()
@@ -318,24 +361,53 @@ class ReversibleDataHidingMethod(ProtectionMethod):
                 d_sparse, _ = self._pgd(x_b, labels[sl], models, self.sparse_steps, mask=masks)
             else:
                 d_sparse = torch.where(masks, d_dense, torch.zeros_like(d_dense))
-            for i in range(len(xs)):
-                di = d_sparse[i].numpy()
-                support = orders[i][masks[i].view(-1).numpy()[orders[i]]]
-                result, k, fallback = self._hide(xs[i], di, support)
-                if result is None:
-                    out[sl.start + i] = x_b[i]
-                    self._check_unembeddable(xs[i])
-                    bits, slots, k = 0, 0, 0
-                else:
-                    out[sl.start + i] = torch.from_numpy(result[0])
-                    bits, slots = result[1], result[2]
+            hidden = self._hide_batch(xs, d_sparse, orders, masks)
+            if self.psnr is not None and self.sparse_steps > 0:
+                hidden = self._meet_psnr(x_b, labels[sl], models, masks, orders, hidden)
+            for i, (image, k, bits, slots, fallback) in enumerate(hidden):
+                out[sl.start + i] = image
                 rec["kept_values"].append(k)
                 rec["payload_bits"].append(bits)
                 rec["capacity_bits"].append(caps[i])
                 rec["slots"].append(slots)
-                rec["fallback"].append(fallback and result is not None)
+                rec["fallback"].append(fallback)
         self._record(images, out, rec)
         return out
+
+    def _meet_psnr(self, x_b, labels, models, masks, orders, hidden) -> list[tuple]:
+        """Re-attacks and re-hides a batch so its stored images land on the PSNR target.
+
+        The hiding adds distortion and may drop kept values, so a stored image misses the
+        target by ``r^2 - ||P - x||^2`` (squared levels; ``r`` the budget's radius). Each
+        of ``budget_passes`` passes widens (or narrows) each image's ball by that miss and
+        attacks and hides again: a fixed-point step on the stored distortion.
+        """
+        r2 = (255.0 * self.budget.l2_radius(tuple(x_b.shape[1:]))) ** 2
+        ball = torch.full((len(x_b),), r2, dtype=torch.float64)
+        for _ in range(self.budget_passes):
+            stored = torch.stack([h[0] for h in hidden]).double()
+            miss = r2 - (stored - x_b.double()).pow(2).flatten(1).sum(1)
+            ball = (ball + miss).clamp_min(0)
+            d_sparse, _ = self._pgd(
+                x_b, labels, models, self.sparse_steps, mask=masks, radius=ball.sqrt().float()
+            )
+            hidden = self._hide_batch(x_b.numpy(), d_sparse, orders, masks)
+        return hidden
+
+    def _hide_batch(self, xs: np.ndarray, d_sparse: torch.Tensor, orders, masks) -> list[tuple]:
+        """Hides each image's kept perturbation: per image ``(stored uint8 image, values
+        kept, payload bits, slots, fallback used)``."""
+        hidden = []
+        for i in range(len(xs)):
+            di = d_sparse[i].numpy()
+            support = orders[i][masks[i].view(-1).numpy()[orders[i]]]
+            result, k, fallback = self._hide(xs[i], di, support)
+            if result is None:
+                self._check_unembeddable(xs[i])
+                hidden.append((torch.from_numpy(xs[i].copy()), 0, 0, 0, False))
+            else:
+                hidden.append((torch.from_numpy(result[0]), k, result[1], result[2], fallback))
+        return hidden
 
     def _check_unembeddable(self, x: np.ndarray) -> None:
         """An unchanged image must not itself read as a valid protected image."""
@@ -421,6 +493,9 @@ class ReversibleDataHidingMethod(ProtectionMethod):
             "pee_threshold": self.pee_threshold,
             "max_layers": self.max_layers,
             "keyed": self.key is not None,
+            "psnr": self.psnr,
+            "target_seed": self.target_seed,
+            "budget_passes": self.budget_passes,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_surrogates": len(self.surrogates),
