@@ -152,6 +152,8 @@ def method_export_stage(
         "inference_test_images": len(test_x),
         "protect_seconds": round(protect_s, 1),
         "protect_img_per_s": round(len(images) / max(protect_s, 1e-9), 1),
+        # Crafting cost (fit + protect of the training split) per 1,000 images.
+        "craft_seconds_per_1000": round(1000.0 * protect_s / max(len(images), 1), 2),
         **(extra or {}),
     }
     write_results(stage_dir, results, json.dumps([meta["method"], data_cfg], sort_keys=True))
