@@ -219,7 +219,7 @@ def load_method(path: Path) -> dict[str, Any]:
     }
     for key in ("psnr_protected", "ssim_protected", "linf_protected", "l2_protected"):
         out[key] = _number(data, key, path)
-    for key in ("psnr_recovered", "ssim_recovered"):
+    for key in ("psnr_recovered", "ssim_recovered", "craft_seconds_per_1000"):
         out[key] = _number(data, key, path)
     for key in ("exact_pixel_rate_recovered", "surrogate_acc_clean"):
         out[key] = _number(data, key, path, fraction=True)
