@@ -56,7 +56,8 @@ GRID_KEYS = (
 # Keys that locate files or only change what is printed: not part of any stage's recipe.
 NOT_RECIPE = frozenset({"data_dir", "cache_dir", "num_workers", "enable_progress_bar"})
 # Row keys the grid reads itself; every other key of a row is a method constructor argument.
-ROW_KEYS = ("kind", "protector", "surrogates")
+# ``label`` is the row's display name in the tables: never a method argument, never hashed.
+ROW_KEYS = ("kind", "protector", "surrogates", "label")
 ADV_TRAIN = "adv_train"
 DEFAULT_EVAL_DEFENSES = ("none", "jpeg:q=75", "gray")
 
@@ -264,7 +265,7 @@ def row_spec(cfg: dict, spec: dict | None) -> dict:
 
 def row_method_params(spec: dict) -> dict:
     """The method's part of a merged row: ``kind`` and the constructor arguments."""
-    return {k: v for k, v in spec.items() if k not in ("protector", "surrogates")}
+    return {k: v for k, v in spec.items() if k not in ("protector", "surrogates", "label")}
 
 
 def row_protector_spec(cfg: dict, spec: dict) -> dict:
@@ -321,6 +322,9 @@ def validate_grid_config(cfg: dict) -> list[str]:
     for row, spec in (cfg.get("rows") or {}).items():
         spec = row_spec(cfg, spec)
         kind = spec.get("kind")
+        label = spec.get("label")
+        if label is not None and not (isinstance(label, str) and label.strip()):
+            problems.append(f"rows.{row}.label: must be a non-empty string, got {label!r}")
         if kind not in METHODS:
             problems.append(f"rows.{row}: unknown method kind {kind!r}; known: {sorted(METHODS)}")
             continue

@@ -234,7 +234,8 @@ class Grid(StageRunner):
 
         recipe = {
             "stage": "method",
-            "spec": spec,
+            # A row's display label is no part of what the stage computes.
+            "spec": {k: v for k, v in spec.items() if k != "label"},
             "data": self.data_cfg,
             "eval_defenses": self.eval_defenses,
             "inference_per_class": self.cfg.get("inference_per_class"),

@@ -36,6 +36,7 @@ from raeg_pl.tables import (
 )
 
 ARCHS = ["resnet", "vgg"]
+COMMIT = "0123456789abcdef"
 DEFENSES = ["none", "gray", "jpeg:q=10"]
 
 
@@ -79,7 +80,7 @@ def write_pirate(root, row, arch, defense, seed, acc, peak=None, source=None) ->
             "test_acc": acc,
             "test_acc_peak": acc if peak is None else peak,
             "test_acc_curve": [acc],
-            "git": {"commit": "0123456789abcdef", "dirty": False},
+            "git": {"commit": COMMIT, "dirty": False},
         },
     )
 
@@ -107,6 +108,7 @@ def write_method(root, row, reversible, psnr=33.0, by_defense=None, heldout=None
             else {a: {"none": 0.3} for a in heldout},
             "exported_images": 100,
             "test_images": 50,
+            "git": {"commit": COMMIT, "dirty": False},
         },
     )
 
@@ -321,7 +323,7 @@ def test_several_run_dirs_merge_in_first_seen_order(grid_dir, tmp_path):
     assert res.defenses == ["none", "gray", "jpeg:q=10", "blur:sigma=1.0"]
     assert len(res.duplicates) == 1 and "rob_grid" in str(res.duplicates[0])
     table = build_robustness(res, "resnet")
-    assert [c.key for c in table.columns] == res.defenses
+    assert [c.key for c in table.columns] == [*res.defenses, "worst case"]
     assert cell_of(table, "pgd", "none").mean == pytest.approx(0.21)
     assert cell_of(table, "ens", "blur:sigma=1.0").mean == pytest.approx(0.55)
     # ens is planned only by the robustness grid: one arch, two defences.
@@ -499,3 +501,188 @@ def test_malformed_method_field_names_the_file(grid_dir):
     with pytest.raises(TableError, match="psnr_protected") as err:
         load_results([grid_dir])
     assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------- worst case, comparisons
+def seeded_grid(root: Path, accs: dict, methods: dict, defenses=("none", "jpeg:q=10")) -> Path:
+    """A robustness grid of one arch; ``accs[row][defence]`` = per-seed accuracies."""
+    write_grid(
+        root,
+        list(methods),
+        archs=["resnet"],
+        defenses=list(defenses),
+        seeds=[0, 1, 2],
+        table="robustness",
+        methods=methods,
+    )
+    for row, by_def in accs.items():
+        for d, values in by_def.items():
+            for seed, acc in enumerate(values):
+                write_pirate(root, row, "resnet", d, seed, acc)
+    for row in methods:
+        write_method(root, row, reversible=False)
+    return root
+
+
+def test_verdict_needs_the_seed_ranges_apart():
+    def s(*accs):
+        mean, std = mean_std(list(accs))
+        return Stat(mean, std, len(accs), len(accs), lo=min(accs), hi=max(accs))
+
+    control = s(0.40, 0.45, 0.42)
+    assert tables.verdict(s(0.10, 0.12, 0.11), control) == "win"
+    assert tables.verdict(s(0.50, 0.55, 0.52), control) == "loss"
+    # Means 4 points apart, but the ranges overlap: no win.
+    assert tables.verdict(s(0.36, 0.41, 0.38), control) == "tie"
+    assert tables.verdict(s(0.10), control) == "undecided (1 seed)"
+    assert tables.verdict(control, s(0.9)) == "undecided (1 seed)"
+
+
+def test_robustness_worst_case_is_the_best_pirate_and_a_lower_bound_when_cells_miss(tmp_path):
+    methods = {"raeg": {"kind": "raeg"}, "pgd": {"kind": "pgd"}}
+    root = seeded_grid(
+        tmp_path / "rob",
+        {
+            "clean": {"none": [0.70, 0.72, 0.71], "jpeg:q=10": [0.60, 0.62, 0.61]},
+            "raeg": {"none": [0.10, 0.12, 0.11], "jpeg:q=10": [0.47, 0.50, 0.48]},
+            "pgd": {"none": [0.30, 0.32, 0.31]},  # JPEG-10 still missing
+        },
+        methods,
+    )
+    table = build_robustness(load_results([root]), "resnet")
+    assert table.columns[-1].label == "worst case"
+    worst = cell_of(table, "raeg", "worst case")
+    assert worst.defense == "jpeg q10" and not worst.lower_bound
+    assert worst.stat.mean == pytest.approx(0.48333, abs=1e-4)
+    assert cell_of(table, "clean", "worst case").defense == "none"
+    assert cell_of(table, "pgd", "worst case").lower_bound
+    # Worst cases are derived: they are not counted as cells of the grid.
+    assert (table.n_missing, table.n_cells) == (1, 6)
+
+    md = to_markdown(table)
+    assert "| raeg | 11.0 ± 1.0 | 48.3 ± 1.5 | 48.3 ± 1.5 (jpeg q10) |" in md
+    assert "| pgd | 31.0 ± 1.0 | — | ≥ 31.0 ± 1.0 (none) |" in md
+    assert "≥: a lower bound" in md
+    tex = to_latex(table)
+    assert "48.3 $\\pm$ 1.5 (jpeg q10)" in tex and "$\\geq$ 31.0 $\\pm$ 1.0 (none)" in tex
+    rows = {r["training data"]: r for r in csv.DictReader(io.StringIO(to_csv(table)))}
+    assert rows["raeg"]["worst case mean"] == "48.3333"
+    assert rows["raeg"]["worst case defence"] == "jpeg q10"
+    assert rows["raeg"]["worst case lower_bound"] == "no"
+    assert rows["pgd"]["worst case lower_bound"] == "yes"
+
+
+def test_methods_are_compared_with_the_classwise_control_found_by_its_kind(tmp_path):
+    # The control's row name says nothing: only its kind makes it the control.
+    methods = {
+        "raeg": {"kind": "raeg"},
+        "shortcut_ref": {"kind": "classwise_noise"},
+        "pgd": {"kind": "pgd"},
+        "weak": {"kind": "poison"},
+    }
+    root = seeded_grid(
+        tmp_path / "rob",
+        {
+            "clean": {"none": [0.70, 0.72, 0.71], "jpeg:q=10": [0.60, 0.62, 0.61]},
+            "shortcut_ref": {"none": [0.40, 0.45, 0.42], "jpeg:q=10": [0.60, 0.61, 0.62]},
+            "raeg": {"none": [0.10, 0.12, 0.11], "jpeg:q=10": [0.47, 0.50, 0.48]},
+            "pgd": {"none": [0.41, 0.50, 0.44], "jpeg:q=10": [0.30]},
+            "weak": {"none": [0.60, 0.62, 0.61], "jpeg:q=10": [0.70, 0.71, 0.72]},
+        },
+        methods,
+    )
+    res = load_results([root])
+    table = build_robustness(res, "resnet")
+    (comp,) = table.comparisons
+    assert comp.name == "robustness_vs_shortcut_ref"
+    assert [r.labels[0] for r in comp.rows] == ["raeg", "pgd", "weak"]
+    text = {
+        (r.labels[0], c.key): cell.text for r in comp.rows for c, cell in zip(comp.columns, r.cells)
+    }
+    assert text[("raeg", "none")] == "win, -31.3"
+    assert text[("pgd", "none")] == "tie, +2.7"  # higher mean, overlapping ranges
+    assert text[("pgd", "jpeg:q=10")] == "undecided (1 seed), -31.0"
+    assert text[("weak", "none")] == "loss, +18.7"
+    assert text[("raeg", "worst case")].startswith("win")
+    md = to_markdown(table)
+    assert "## " in md and "against the class-wise control shortcut_ref" in md
+    assert "| weak | loss, +18.7 | loss, +10.0 | loss, +10.0 |" in md
+    assert to_latex(table).count("\\begin{tabular}") == 2
+
+    main = build_main(res)
+    (main_comp,) = main.comparisons
+    assert main_comp.name == "main_vs_shortcut_ref" and len(main_comp.rows) == 3
+
+    out = tmp_path / "tables"
+    tables.build_all([root], out, ["main", "robustness"])
+    rows = list(csv.DictReader(io.StringIO((out / "robustness_vs_shortcut_ref.csv").read_text())))
+    assert rows[0]["training data"] == "raeg" and rows[0]["none"] == "win, -31.3"
+    index = (out / "README.md").read_text()
+    assert "(robustness_vs_shortcut_ref.csv)" in index and "(main_vs_shortcut_ref.csv)" in index
+    line = next(ln for ln in index.splitlines() if "(robustness_vs_shortcut_ref.csv)" in ln)
+    assert "4 win, 1 tie, 1 undecided (1 seed), 3 loss" in line
+
+
+def test_without_a_control_row_the_table_says_so(grid_dir):
+    table = build_robustness(load_results([grid_dir]), "resnet")
+    assert table.comparisons == []
+    assert "No class-wise control row (a row of kind classwise_noise)" in to_markdown(table)
+
+
+# ------------------------------------------------------------------------- named rows
+def test_row_labels_are_shown_in_every_table(tmp_path):
+    labels = {"raeg_paper": "RAEG (paper, unconditioned)", "raeg_cond": "RAEG-C (extension)"}
+    methods = {r: {"kind": "raeg", "label": label} for r, label in labels.items()}
+    methods["pgd"] = {"kind": "pgd"}  # no label: the row name
+    root = seeded_grid(
+        tmp_path / "rob",
+        {r: {"none": [0.1, 0.2, 0.15]} for r in methods},
+        methods,
+    )
+    write_method(root, "raeg_cond", reversible=True)
+    write_pirate(root, "raeg_cond", "resnet", "none", 0, 0.7, source="recovered")
+    res = load_results([root])
+    assert res.label("raeg_paper") == "RAEG (paper, unconditioned)" and res.label("pgd") == "pgd"
+    for table in (build_main(res), build_robustness(res, "resnet"), build_fidelity(res)):
+        shown = [r.labels[0] for r in table.rows]
+        assert "RAEG (paper, unconditioned)" in shown and "RAEG-C (extension)" in shown
+        assert "pgd" in shown and "raeg_paper" not in shown and "raeg_cond" not in shown
+    assert "RAEG-C (extension) (authorised)" in [r.labels[0] for r in build_main(res).rows]
+    inference = build_inference(res)
+    assert {r.labels[0] for r in inference.rows} == {*labels.values(), "pgd"}
+    assert "RAEG (paper, unconditioned)" in to_latex(build_robustness(res, "resnet"))
+
+
+def test_a_label_that_is_not_text_names_the_grid_file(tmp_path):
+    root = write_grid(tmp_path / "g", ["raeg"], methods={"raeg": {"kind": "raeg", "label": 3}})
+    with pytest.raises(TableError, match=r"grid\.json: methods\.raeg\.label must be"):
+        build_main(load_results([root]))
+
+
+def test_a_label_reaches_neither_the_method_nor_the_stage_recipe(tmp_path, monkeypatch):
+    import raeg_pl.grid as grid_mod
+    from raeg_pl.config import row_method_params, validate_grid_config
+    from raeg_pl.grid import Grid
+
+    row = {"kind": "pgd", "eps": 4, "label": "PGD (Fowl et al.)"}
+    assert row_method_params(row) == {"kind": "pgd", "eps": 4}
+
+    exported: list[dict] = []
+    monkeypatch.setattr(
+        grid_mod, "export_method", lambda d, params, *a, **k: exported.append(params) or {}
+    )
+
+    def method_recipe(spec: dict, run: str) -> str:
+        cfg = {"table": "main", "rows": {"pgd": spec}, "pirate": {"max_epochs": 1, "model": {}}}
+        grid = Grid(cfg, tmp_path / run)
+        grid.method_stage("pgd", spec, [])
+        return grid.recipes["methods/pgd"]
+
+    unlabelled = {k: v for k, v in row.items() if k != "label"}
+    assert method_recipe(row, "a") == method_recipe(unlabelled, "b")
+    assert method_recipe(row, "c") != method_recipe({**unlabelled, "eps": 8}, "d")
+    assert exported[0] == {"kind": "pgd", "eps": 4}
+    cfg = {"rows": {"pgd": row}, "pirate": {"max_epochs": 1, "model": {}}}
+    assert validate_grid_config(cfg) == []
+    bad = validate_grid_config({**cfg, "rows": {"pgd": {**row, "label": ""}}})
+    assert bad == ["rows.pgd.label: must be a non-empty string, got ''"]

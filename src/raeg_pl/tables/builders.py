@@ -1,4 +1,6 @@
-"""The paper tables built from merged results: main, fidelity, robustness and inference."""
+"""The paper tables built from merged results: main, fidelity, robustness and inference,
+with the robustness table's worst case per row and, for the main and robustness tables,
+each method compared with the class-wise control (:data:`CONTROL_KIND`)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,30 @@ import re
 import statistics
 from collections.abc import Callable
 
-from raeg_pl.tables.model import NA, Cell, Column, Row, Stat, Table, Value, mean_std, pct
-from raeg_pl.tables.records import NO_DEFENSE, defense_key, source_of
+from raeg_pl.tables.model import (
+    MISSING_TEXT,
+    NA,
+    UNDECIDED,
+    Cell,
+    Column,
+    Row,
+    Stat,
+    Table,
+    Value,
+    Worst,
+    cell_commits,
+    mean_std,
+    pct,
+    verdict,
+)
+from raeg_pl.tables.records import CLEAN, NO_DEFENSE, UNKNOWN_COMMIT, defense_key, source_of
 from raeg_pl.tables.results import Results
+
+#: The method kind of the control rows every method is compared with: random class-wise
+#: noise at the method's distortion, which a model learns as a shortcut as well.
+CONTROL_KIND = "classwise_noise"
+#: The verdict on a worst case that is only a lower bound.
+PARTIAL = "undecided (cells missing)"
 
 
 def pirate_stat(res: Results, row: str, source: str, arch: str, defense: str) -> Cell:
@@ -18,7 +41,8 @@ def pirate_stat(res: Results, row: str, source: str, arch: str, defense: str) ->
     if not runs:
         return None if key in res.planned else NA
     ordered = [runs[s] for s in sorted(runs)]
-    mean, std = mean_std([r.test_acc for r in ordered])
+    accs = [r.test_acc for r in ordered]
+    mean, std = mean_std(accs)
     peaks = [r.test_acc_peak for r in ordered if r.test_acc_peak is not None]
     return Stat(
         mean=mean,
@@ -26,7 +50,24 @@ def pirate_stat(res: Results, row: str, source: str, arch: str, defense: str) ->
         n=len(ordered),
         n_planned=max(len(res.planned.get(key, ())), len(ordered)),
         peak=statistics.fmean(peaks) if peaks else None,
+        lo=min(accs),
+        hi=max(accs),
+        commits=frozenset(r.commit or UNKNOWN_COMMIT for r in ordered),
     )
+
+
+def method_commits(res: Results, row: str) -> frozenset[str]:
+    """The provenance of a method row's ``results.json`` (empty when it has none)."""
+    m = res.methods.get(row)
+    return frozenset() if m is None else frozenset([m["commit"] or UNKNOWN_COMMIT])
+
+
+def stamped(cells: list[Cell], commits: frozenset[str]) -> list[Cell]:
+    """``cells`` with the provenance of the result file they were read from."""
+    return [
+        Value(c.text, c.raw, commits) if isinstance(c, Value) and not c.commits else c
+        for c in cells
+    ]
 
 
 def _is_gray(d: str) -> bool:
@@ -40,6 +81,91 @@ def _is_jpeg10(d: str) -> bool:
 def defense_label(d: str) -> str:
     """A defence's column and axis label (``none`` reads as "no defence")."""
     return "no defence" if d == NO_DEFENSE else d
+
+
+def defense_short(d: str) -> str:
+    """A defence spec as a few words (``jpeg:q=10`` -> ``jpeg q10``; ``none`` -> ``none``)."""
+    name, _, params = d.partition(":")
+    return " ".join([name, *(p.replace("=", "") for p in params.split(",") if p)])
+
+
+def worst_case(res: Results, row: str, source: str, arch: str) -> Cell:
+    """The row's highest mean pirate accuracy over every pirate defence (its worst case).
+
+    A lower bound when some planned cell of the row is still missing; None when none has
+    a result; NA when the row plans no such cell.
+    """
+    cells = {d: pirate_stat(res, row, source, arch, d) for d in res.defenses}
+    stats = {d: c for d, c in cells.items() if isinstance(c, Stat)}
+    if not stats:
+        return None if any(c is None for c in cells.values()) else NA
+    d = max(stats, key=lambda k: stats[k].mean)
+    return Worst(
+        stat=stats[d],
+        defense=defense_short(d),
+        lower_bound=any(c is None for c in cells.values()),
+        commits=frozenset().union(*(s.commits for s in stats.values())),
+    )
+
+
+def _compared(cell: Cell) -> Stat | None:
+    return cell.stat if isinstance(cell, Worst) else cell if isinstance(cell, Stat) else None
+
+
+def control_comparisons(res: Results, table: Table) -> list[Table]:
+    """One table per class-wise control row of ``table``: every other method row's cells
+    against the control's in the same column (win, loss, tie or undecided; see
+    :func:`~raeg_pl.tables.model.verdict`).
+
+    Rows are found by their method kind, never by name: the controls are the rows of kind
+    :data:`CONTROL_KIND`, the methods every other row on protected data. A table without a
+    control row gets a single-line note instead.
+    """
+    protected = [r for r in table.rows if r.source == "protected" and r.key not in (None, CLEAN)]
+    controls = [r for r in protected if res.kind(r.key) == CONTROL_KIND]
+    if not controls:
+        table.notes.append(
+            f"No class-wise control row (a row of kind {CONTROL_KIND}) in these runs: the"
+            " methods are not compared with one."
+        )
+        return []
+    out = []
+    for control in controls:
+        rows = []
+        for r in protected:
+            if r is control:
+                continue
+            cells: list[Cell] = []
+            for mine, ref in zip(r.cells, control.cells, strict=True):
+                a, b = _compared(mine), _compared(ref)
+                if a is None or b is None:
+                    cells.append(NA if mine is NA or ref is NA else None)
+                    continue
+                # A worst case over missing cells may still rise: no verdict on it yet.
+                bound = any(isinstance(c, Worst) and c.lower_bound for c in (mine, ref))
+                text = f"{PARTIAL if bound else verdict(a, b)}, {100 * (a.mean - b.mean):+.1f}"
+                cells.append(Value(text, text, cell_commits(mine) | cell_commits(ref)))
+            rows.append(Row(list(r.labels), cells, key=r.key, source=r.source))
+        name = f"{table.name}_vs_{control.key}"
+        out.append(
+            Table(
+                name=name,
+                title=f"{table.title}: each method against the class-wise control"
+                f" {control.labels[0]}",
+                label_headers=list(table.label_headers),
+                columns=[Column(c.key, c.label, c.group) for c in table.columns],
+                rows=rows,
+                notes=[
+                    "Cells: verdict, then the method's mean minus the control's in points"
+                    " (pirate accuracy; lower is better protection). A win or a loss only when"
+                    " the two cells' ranges over seeds do not overlap, else a tie;"
+                    f" {UNDECIDED} when either cell has a single seed; {PARTIAL} when either"
+                    f" is a worst case with cells missing; {MISSING_TEXT}: a cell is missing.",
+                ],
+                counts_missing=False,
+            )
+        )
+    return out
 
 
 def build_main(res: Results) -> Table:
@@ -56,8 +182,10 @@ def build_main(res: Results) -> Table:
     ]
     rows = [
         Row(
-            [row],
+            [res.label(row)],
             [pirate_stat(res, row, source_of(row), a, d) for d in groups for a in res.archs],
+            key=row,
+            source=source_of(row),
         )
         for row in res.rows
     ]
@@ -65,9 +193,10 @@ def build_main(res: Results) -> Table:
     for row in res.method_rows:
         if res.reversible(row):
             cells = [pirate_stat(res, row, "recovered", a, d) for d in groups for a in res.archs]
-            rows.append(Row([f"{row} (authorised)"], cells, rule_before=first))
+            label = f"{res.label(row)} (authorised)"
+            rows.append(Row([label], cells, rule_before=first, key=row, source="recovered"))
             first = False
-    return Table(
+    table = Table(
         name="main",
         title="Pirate accuracy on the clean test set (%)",
         label_headers=["training data"],
@@ -80,6 +209,8 @@ def build_main(res: Results) -> Table:
             " authorised: trained on the method's restored images.",
         ],
     )
+    table.comparisons = control_comparisons(res, table)
+    return table
 
 
 def _fmt(v: float | None, spec: str, scale: float = 1.0) -> Value | None:
@@ -103,7 +234,7 @@ def build_fidelity(res: Results) -> Table:
     for row in res.method_rows:
         m = res.methods.get(row)
         if m is None:
-            rows.append(Row([row], [None] * len(columns)))
+            rows.append(Row([res.label(row)], [None] * len(columns), key=row))
             continue
         rev = m["reversible"]
         recovery = [
@@ -125,7 +256,7 @@ def build_fidelity(res: Results) -> Table:
             if m.get("craft_seconds_per_1000") is None
             else _fmt(m["craft_seconds_per_1000"], ".1f"),
         ]
-        rows.append(Row([row], cells))
+        rows.append(Row([res.label(row)], stamped(cells, method_commits(res, row)), key=row))
     return Table(
         name="fidelity",
         title="Fidelity of the protected images and their recovery",
@@ -143,13 +274,23 @@ def build_fidelity(res: Results) -> Table:
 
 
 def build_robustness(res: Results, arch: str) -> Table:
-    """Pirate final accuracy per pirate defence for one architecture."""
+    """Pirate final accuracy per pirate defence for one architecture, and each row's worst
+    case: the highest mean accuracy over its defences, with the defence that reaches it."""
     columns = [Column(d, defense_label(d), None, "stat") for d in res.defenses]
+    columns.append(Column("worst case", "worst case", None, "worst"))
     rows = [
-        Row([row], [pirate_stat(res, row, source_of(row), arch, d) for d in res.defenses])
+        Row(
+            [res.label(row)],
+            [
+                *(pirate_stat(res, row, source_of(row), arch, d) for d in res.defenses),
+                worst_case(res, row, source_of(row), arch),
+            ],
+            key=row,
+            source=source_of(row),
+        )
         for row in res.rows
     ]
-    return Table(
+    table = Table(
         name="robustness",
         title=f"Pirate accuracy on the clean test set after each pirate defence, {arch} (%)",
         label_headers=["training data"],
@@ -157,9 +298,14 @@ def build_robustness(res: Results, arch: str) -> Table:
         rows=rows,
         notes=[
             "Cells: final accuracy mean ± std over seeds; the pirate applies the column's"
-            " defence to every training image before training."
+            " defence to every training image before training.",
+            "Worst case: the highest mean accuracy over the row's pirate defences (no defence"
+            " included), with the defence that reaches it: what the best of these pirates"
+            " achieves.",
         ],
     )
+    table.comparisons = control_comparisons(res, table)
+    return table
 
 
 def build_inference(res: Results) -> Table:
@@ -194,13 +340,15 @@ def build_inference(res: Results) -> Table:
                 lines.append(
                     (f"held-out {a}", [value(m["heldout_acc_clean"].get(a)), *protected(by_def)])
                 )
+        label = res.label(row)
         for j, (who, cells) in enumerate(lines):
             rows.append(
                 Row(
-                    [row, who],
-                    cells,
+                    [label, who],
+                    stamped(cells, method_commits(res, row)),
                     rule_before=(i > 0 and j == 0),
-                    shown_labels=[row if j == 0 else "", who],
+                    shown_labels=[label if j == 0 else "", who],
+                    key=row,
                 )
             )
     return Table(

@@ -1,4 +1,6 @@
-"""``raeg table``: writes every table in three formats, the plots and an index file."""
+"""``raeg table``: writes every table in three formats, the plots and an index file, after
+checking that the results come from one commit of a clean tree
+(:mod:`~raeg_pl.tables.provenance`)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from raeg_pl.tables.builders import BUILDERS
-from raeg_pl.tables.model import Table
+from raeg_pl.tables.model import Table, Value
 from raeg_pl.tables.plots import plot_psnr_vs_pirate, plot_robustness
+from raeg_pl.tables.provenance import (
+    check_provenance,
+    commit_marks,
+    index_lines,
+    mark_cells,
+    shown_path,
+)
 from raeg_pl.tables.records import TableError, unique
 from raeg_pl.tables.renderers import to_csv, to_latex, to_markdown
 from raeg_pl.tables.results import Results, load_results
@@ -19,24 +28,32 @@ TABLES = ("main", "fidelity", "robustness", "inference", "summary")
 PLOTS = ("psnr_vs_pirate.png", "robustness.png")
 
 
-def shown_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, else as given.
+def comparison_summary(table: Table) -> str:
+    """A comparison table's verdicts counted (``2 win, 1 loss, 3 tie, 1 undecided (1 seed)``)."""
+    counts: dict[str, int] = {}
+    for row in table.rows:
+        for cell in row.cells:
+            if isinstance(cell, Value):
+                v = str(cell.raw).rsplit(", ", 1)[0]
+                counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in counts.items()) or "nothing to compare yet"
 
-    A table index committed with a repository then names its run folders relative to the
-    checkout, never by an absolute path of the machine that built it.
-    """
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
 
-
-def write_index(res: Results, out: Path, tables: list[Table], plots: list[str]) -> Path:
-    """``<out>/README.md``: profile, run directories, and links to every table and plot."""
+def write_index(
+    res: Results,
+    out: Path,
+    tables: list[Table],
+    plots: list[str],
+    marks: dict[str, str] | None = None,
+) -> Path:
+    """``<out>/README.md``: profile, commit, run directories, links to every table and plot,
+    and the verdicts of each comparison with the class-wise control."""
     lines = [
         "# Result tables",
         "",
         f"Profile: {', '.join(res.profiles) or 'unknown (no grid.json profile)'}.",
+        "",
+        *index_lines(res, marks or {}),
         "",
         "Run directories:",
         "",
@@ -58,15 +75,20 @@ def write_index(res: Results, out: Path, tables: list[Table], plots: list[str]) 
             f"| {t.title} | [{t.name}.md]({t.name}.md) | [{t.name}.tex]({t.name}.tex) "
             f"| [{t.name}.csv]({t.name}.csv) | {t.n_missing} of {t.n_cells} |"
         )
-    for p in plots:
-        lines += ["", f"![{p}]({p})"]
-    if res.commits:
+    comparisons = [c for t in tables for c in t.comparisons]
+    if comparisons:
         lines += [
             "",
-            "Git commits of the runs: "
-            + ", ".join(f"`{c}` ({n} files)" for c, n in res.commits.items())
-            + ".",
+            "Against the class-wise control (a win or a loss only when the seed ranges do not"
+            " overlap; lower pirate accuracy is better protection):",
+            "",
         ]
+        lines += [
+            f"- {c.title}: {comparison_summary(c)} ([{c.name}.csv]({c.name}.csv))"
+            for c in comparisons
+        ]
+    for p in plots:
+        lines += ["", f"![{p}]({p})"]
     if res.duplicates:
         lines += ["", "Ignored (an earlier run directory gave the same run):", ""]
         lines += [f"- `{p}`" for p in res.duplicates]
@@ -81,6 +103,7 @@ def build_all(
     out: str | Path,
     tables: Iterable[str] = TABLES,
     arch: str | None = None,
+    allow_mixed: bool = False,
 ) -> list[Path]:
     """Writes the chosen tables and plots and the index; returns the files written.
 
@@ -89,12 +112,18 @@ def build_all(
         out: output folder (created).
         tables: names from :data:`TABLES`; ``summary`` means the two plots.
         arch: architecture of the robustness table and the plots (default: the first).
+        allow_mixed: build from results of several commits, of a dirty tree or of no
+            recorded commit, marking the cells they make.
 
     Raises:
         TableError: unreadable inputs, or an unknown ``arch``.
+        ProvenanceError: results not of one clean commit, unless ``allow_mixed``.
     """
     tables = list(tables)
     res = load_results(list(run_dirs))
+    if not allow_mixed:
+        check_provenance(res)
+    marks = commit_marks(res)
     if arch is None:
         arch = res.archs[0] if res.archs else "?"
     elif arch not in res.archs:
@@ -107,10 +136,15 @@ def build_all(
         if name not in BUILDERS:
             continue
         table = BUILDERS[name](res, arch)
+        mark_cells(res, table, marks)
         built.append(table)
         for suffix, render in ((".md", to_markdown), (".tex", to_latex), (".csv", to_csv)):
             path = out / f"{name}{suffix}"
             write_atomic_text(path, render(table))
+            written.append(path)
+        for comparison in table.comparisons:
+            path = out / f"{comparison.name}.csv"
+            write_atomic_text(path, to_csv(comparison))
             written.append(path)
     plots: list[str] = []
     if "summary" in tables:
@@ -118,14 +152,15 @@ def build_all(
         plot_robustness(res, arch, out / PLOTS[1])
         plots = list(PLOTS)
         written += [out / p for p in plots]
-    written.append(write_index(res, out, built, plots))
+    written.append(write_index(res, out, built, plots, marks))
     for p in res.duplicates:
         print(f"raeg table: warning: ignored duplicate run {p}", file=sys.stderr)
     return written
 
 
 def main(args: list[str]) -> int:
-    """``raeg table --runs DIR [DIR ...] --out DIR [--tables NAME ...] [--arch A]``."""
+    """``raeg table --runs DIR [DIR ...] --out DIR [--tables NAME ...] [--arch A]
+    [--allow-mixed]``."""
     ap = argparse.ArgumentParser(
         prog="raeg table",
         description="Markdown, LaTeX and CSV tables and plots from grid runs' results.json files.",
@@ -140,9 +175,15 @@ def main(args: list[str]) -> int:
         help="tables to build (summary: the plots; default: all)",
     )
     ap.add_argument("--arch", default=None, help="architecture of robustness table and plots")
+    ap.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="build from results of several commits, of a dirty work tree or with no commit "
+        "recorded (refused by default); their cells are marked and the footnotes name them",
+    )
     ns = ap.parse_args(args)
     try:
-        written = build_all(ns.runs, ns.out, ns.tables, ns.arch)
+        written = build_all(ns.runs, ns.out, ns.tables, ns.arch, ns.allow_mixed)
     except TableError as e:
         print(f"raeg table: error: {e}", file=sys.stderr)
         return 2

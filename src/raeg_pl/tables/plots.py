@@ -34,7 +34,9 @@ def plot_psnr_vs_pirate(res: Results, arch: str, path: Path) -> int:
         if psnr is None or not isinstance(stat, Stat):
             continue
         ax.errorbar(psnr, 100 * stat.mean, yerr=100 * (stat.std or 0.0), fmt="o", capsize=3)
-        ax.annotate(row, (psnr, 100 * stat.mean), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(
+            res.label(row), (psnr, 100 * stat.mean), textcoords="offset points", xytext=(5, 4)
+        )
         n += 1
     clean = pirate_stat(res, CLEAN, CLEAN, arch, NO_DEFENSE)
     if isinstance(clean, Stat):
@@ -83,7 +85,7 @@ def plot_robustness(res: Results, arch: str, path: Path) -> int:
                 ys.append(100 * stat.mean)
                 errs.append(100 * (stat.std or 0.0))
         if xs:
-            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=row)
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=res.label(row))
             n += len(xs)
     ax.set_xticks(range(len(defs)), [defense_label(d) for d in defs], rotation=30, ha="right")
     ax.set(ylabel="pirate clean-test accuracy (%)", title=f"Pirate defences ({arch})")

@@ -22,6 +22,8 @@ from typing import Any
 CLEAN = "clean"
 NO_DEFENSE = "none"
 SOURCES = ("protected", "recovered", "clean")
+#: The provenance of a result file that records no git commit.
+UNKNOWN_COMMIT = "unknown"
 
 
 class TableError(ValueError):
@@ -80,7 +82,8 @@ class PirateRun:
         test_acc: final clean-test accuracy, fraction in [0, 1].
         test_acc_peak: best clean-test accuracy over epochs, fraction (None if not recorded).
         path: the ``results.json`` it came from.
-        commit: the git commit the run was made at (None if not recorded).
+        commit: the git commit the run was made at, first 12 hex digits, ``+dirty`` when
+            the work tree had uncommitted changes (None if not recorded).
     """
 
     row: str
@@ -196,6 +199,7 @@ def _plan_from(data: dict, path: Path) -> GridPlan:
 
 
 def _commit(data: dict) -> str | None:
+    """``<12 hex digits>[+dirty]`` of the record's git entry; None when it has none."""
     git = data.get("git")
     if isinstance(git, dict) and git.get("commit"):
         return str(git["commit"])[:12] + ("+dirty" if git.get("dirty") else "")
@@ -216,6 +220,7 @@ def load_method(path: Path) -> dict[str, Any]:
         "reversible": rev,
         "path": path,
         "commit": _commit(data),
+        "kind": str(grid["method"]) if grid.get("method") is not None else None,
     }
     for key in ("psnr_protected", "ssim_protected", "linf_protected", "l2_protected"):
         out[key] = _number(data, key, path)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import csv
 import io
 
-from raeg_pl.tables.model import NA, Cell, Column, Stat, Table, Value, format_cell
+from raeg_pl.tables.model import (
+    NA,
+    Cell,
+    Column,
+    Stat,
+    Table,
+    Value,
+    Worst,
+    cell_marks,
+    format_cell,
+)
 
 
 def _csv_values(cell: Cell, column: Column) -> list[str]:
@@ -14,14 +24,18 @@ def _csv_values(cell: Cell, column: Column) -> list[str]:
         return [""] * width
     if isinstance(cell, Value):
         return [str(cell.raw)]
-    assert isinstance(cell, Stat)
     r = lambda v: "" if v is None else f"{100 * v:.4f}"  # noqa: E731
+    if isinstance(cell, Worst):
+        s = cell.stat
+        return [r(s.mean), r(s.std), str(s.n), cell.defense, "yes" if cell.lower_bound else "no"]
+    assert isinstance(cell, Stat)
     out = [r(cell.mean), r(cell.std), str(cell.n)]
     return out + [r(cell.peak)] if column.kind == "stat_peak" else out
 
 
-def to_markdown(table: Table) -> str:
-    """The table as GitHub markdown with its title and footnotes."""
+def to_markdown(table: Table, level: int = 1) -> str:
+    """The table as GitHub markdown with its title and footnotes, then its comparisons
+    (each a section one heading level down)."""
 
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
@@ -29,18 +43,24 @@ def to_markdown(table: Table) -> str:
     header = [*table.label_headers]
     header += [f"{c.group}: {c.label}" if c.group else c.label for c in table.columns]
     lines = [
-        f"# {table.title}",
+        f"{'#' * level} {table.title}",
         "",
         "| " + " | ".join(esc(h) for h in header) + " |",
         "|" + "|".join([":--"] * len(table.label_headers) + ["--:"] * len(table.columns)) + "|",
     ]
     for row in table.rows:
         labels = row.shown_labels if row.shown_labels is not None else row.labels
-        cells = [format_cell(c, col) for c, col in zip(row.cells, table.columns, strict=True)]
+        cells = [
+            format_cell(c, col, table.marks)
+            for c, col in zip(row.cells, table.columns, strict=True)
+        ]
         lines.append("| " + " | ".join(esc(x) for x in [*labels, *cells]) + " |")
     lines.append("")
     lines += [f"- {note}" for note in table.footnotes()]
-    return "\n".join(lines) + "\n"
+    out = "\n".join(lines) + "\n"
+    for comparison in table.comparisons:
+        out += "\n" + to_markdown(comparison, level + 1)
+    return out
 
 
 _LATEX_SPECIAL = {
@@ -55,6 +75,8 @@ _LATEX_SPECIAL = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
     "±": r"$\pm$",
+    "≥": r"$\geq$",
+    "×": r"$\times$",
     "—": "---",
 }
 
@@ -76,7 +98,8 @@ def _groups(columns: list[Column]) -> list[tuple[str | None, int]]:
 
 
 def to_latex(table: Table) -> str:
-    """The table as a LaTeX ``table`` float with a booktabs ``tabular`` and footnotes."""
+    """The table as a LaTeX ``table`` float with a booktabs ``tabular`` and footnotes,
+    followed by one such float per comparison table."""
     n_lab = len(table.label_headers)
     # A space between column groups keeps the spec readable; LaTeX ignores it.
     spec = "l" * n_lab + " ".join("r" * width for _, width in _groups(table.columns))
@@ -109,23 +132,40 @@ def to_latex(table: Table) -> str:
         if row.rule_before:
             lines.append("\\midrule")
         labels = row.shown_labels if row.shown_labels is not None else row.labels
-        cells = [format_cell(c, col) for c, col in zip(row.cells, table.columns, strict=True)]
+        cells = [
+            format_cell(c, col, table.marks)
+            for c, col in zip(row.cells, table.columns, strict=True)
+        ]
         lines.append(" & ".join(latex_escape(x) for x in [*labels, *cells]) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "", "\\smallskip"]
     lines.append("{\\footnotesize " + " ".join(latex_escape(n) for n in table.footnotes()) + "}")
     lines.append("\\end{table}")
-    return "\n".join(lines) + "\n"
+    out = "\n".join(lines) + "\n"
+    for comparison in table.comparisons:
+        out += "\n" + to_latex(comparison)
+    return out
 
 
 def to_csv(table: Table) -> str:
     """The table as CSV: label columns, then each column's numeric fields (percent for
-    accuracies, empty when missing); one line per row, labels repeated."""
+    accuracies, empty when missing); one line per row, labels repeated. Comparison tables
+    are CSV files of their own (``raeg table`` writes ``<comparison name>.csv``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*table.label_headers, *(f for c in table.columns for f in c.csv_fields)])
+    header = [*table.label_headers, *(f for c in table.columns for f in c.csv_fields)]
+    # Results of several commits (--allow-mixed): each line names its marked cells.
+    w.writerow([*header, "marked cells"] if table.marks else header)
     for row in table.rows:
         values = [
             v for c, col in zip(row.cells, table.columns, strict=True) for v in _csv_values(c, col)
         ]
+        if table.marks:
+            values.append(
+                "; ".join(
+                    f"{col.key} [{m}]"
+                    for c, col in zip(row.cells, table.columns, strict=True)
+                    if (m := cell_marks(c, table.marks))
+                )
+            )
         w.writerow([*row.labels, *values])
     return buf.getvalue()

@@ -10,6 +10,7 @@ from typing import Any
 from raeg_pl.tables.records import (
     CLEAN,
     NO_DEFENSE,
+    UNKNOWN_COMMIT,
     CellKey,
     GridPlan,
     PirateRun,
@@ -39,6 +40,8 @@ class Results:
         duplicates: ``results.json`` files ignored because an earlier run directory already
             gave the same cell and seed.
         commits: git commit (suffixed ``+dirty`` for uncommitted changes) -> number of files.
+        sources: provenance (git commit as in ``commits``, or ``unknown`` for a file that
+            records none) -> the result files read from it.
     """
 
     run_dirs: list[Path]
@@ -53,6 +56,7 @@ class Results:
     planned: dict[CellKey, set[int]]
     duplicates: list[Path] = field(default_factory=list)
     commits: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, list[Path]] = field(default_factory=dict)
 
     @property
     def method_rows(self) -> list[str]:
@@ -63,6 +67,42 @@ class Results:
     def profiles(self) -> list[str]:
         """The grids' profiles, first seen order."""
         return unique(g.profile for g in self.grids if g.profile)
+
+    def row_spec(self, row: str) -> dict[str, Any]:
+        """A row's spec from the grids' plans (``{"kind": ..., "label": ...}``; {} if none)."""
+        for g in self.grids:
+            for plan in (g, *g.parts):
+                spec = plan.methods.get(row)
+                if isinstance(spec, dict):
+                    return spec
+        return {}
+
+    def label(self, row: str) -> str:
+        """A row's display name: the grid row's ``label``, else the row name.
+
+        Raises:
+            TableError: a ``label`` that is not a non-empty string (names the grid.json).
+        """
+        for g in self.grids:
+            for plan in (g, *g.parts):
+                spec = plan.methods.get(row)
+                if not isinstance(spec, dict) or spec.get("label") is None:
+                    continue
+                label = spec["label"]
+                if not isinstance(label, str) or not label.strip():
+                    raise TableError(
+                        f"{plan.path}: methods.{row}.label must be a non-empty string, "
+                        f"got {label!r}"
+                    )
+                return label
+        return row
+
+    def kind(self, row: str) -> str | None:
+        """A row's method kind (``raeg``, ``classwise_noise``, ...; None when nothing says)."""
+        kind = self.row_spec(row).get("kind")
+        if kind is None:
+            kind = self.methods.get(row, {}).get("kind")
+        return None if kind is None else str(kind)
 
     def reversible(self, row: str) -> bool | None:
         """Whether a method restores its images (None when nothing says)."""
@@ -95,6 +135,7 @@ def load_results(run_dirs: list[str | Path]) -> Results:
     pirates: dict[CellKey, dict[int, PirateRun]] = {}
     duplicates: list[Path] = []
     commits: dict[str, int] = {}
+    sources: dict[str, list[Path]] = {}
     per_dir_runs: list[list[PirateRun]] = []
     per_dir_methods: list[list[str]] = []
     for d in dirs:
@@ -122,6 +163,7 @@ def load_results(run_dirs: list[str | Path]) -> Results:
             methods[m["row"]] = m
             if m["commit"]:
                 commits[m["commit"]] = commits.get(m["commit"], 0) + 1
+            sources.setdefault(m["commit"] or UNKNOWN_COMMIT, []).append(f)
         runs_here: list[PirateRun] = []
         for f in pirate_files:
             run = load_pirate(f, d / "pirates", known)
@@ -135,6 +177,7 @@ def load_results(run_dirs: list[str | Path]) -> Results:
             cell[run.seed] = run
             if run.commit:
                 commits[run.commit] = commits.get(run.commit, 0) + 1
+            sources.setdefault(run.commit or UNKNOWN_COMMIT, []).append(f)
         per_dir_runs.append(runs_here)
         per_dir_methods.append(rows_here)
 
@@ -185,6 +228,7 @@ def load_results(run_dirs: list[str | Path]) -> Results:
         planned={},
         duplicates=duplicates,
         commits=commits,
+        sources=sources,
     )
     for plan, runs_here, rows_here in zip(grids, per_dir_runs, per_dir_methods, strict=True):
         _add_plan(res, plan, runs_here, rows_here)
