@@ -187,7 +187,7 @@ def calibrate_noise_scale(
                 f"psnr: {target_db} dB cannot be reached: with any noise scale these images "
                 f"stay above {measure(hi):.2f} dB (they saturate)"
             )
-        hi *= 1.5
+        lo, hi = hi, hi * 1.5
     for _ in range(60):
         if min(tried)[0] <= tol_db:
             break
