@@ -24,7 +24,10 @@ PAIRS = {  # paper size (GPU) -> CPU size
     "vit_tiny_cifar": "vit_micro_cifar",
     "resnet_fast_cifar": "resnet_fast_tiny_cifar",
 }
-PIRATES = [*PAIRS, *PAIRS.values()]
+# The airbench networks (standard profile): the CPU size has a quarter of the FLOPs, not
+# a quarter of the weights, so they are not among PAIRS.
+AIR = ("resnet_air_cifar", "resnet_air_small_cifar")
+PIRATES = [*PAIRS, *PAIRS.values(), *AIR]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -44,7 +47,7 @@ def test_pirate_builds_from_registry_and_trains(arch):
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([3, 7])).backward()
     params = dict(model.backbone.named_parameters())
-    missing = [n for n, p in params.items() if p.grad is None]
+    missing = [n for n, p in params.items() if p.requires_grad and p.grad is None]
     assert not missing, missing
     # Gradients reach the input and the first layer: the whole network is connected.
     assert x.grad.abs().sum() > 0
@@ -88,6 +91,116 @@ def test_paper_size_pirates_are_shaped_for_32x32():
     fast = timm.create_model("resnet_fast_cifar", num_classes=10).eval()
     assert fast.forward_features(x).shape == (2, 512, 4, 4)
     assert 6_000_000 < _params(fast) < 7_000_000  # Page's ResNet-9: ~6.5M weights
+    air = timm.create_model("resnet_air_cifar", num_classes=10).eval()
+    # 32 -> 31 (2x2 whitening, no padding) -> 15 -> 7 -> 3 (three conv-pool blocks).
+    assert air.forward_features(x).shape == (2, 256, 3, 3)
+    assert 1_900_000 < _params(air) < 2_100_000  # airbench94: ~2.0M weights
+    small = timm.create_model("resnet_air_small_cifar", num_classes=10).eval()
+    assert small.forward_features(x).shape == (2, 128, 3, 3)
+
+
+# ----------------------------------------------------------------- airbench options
+def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 32, 32) images with correlated neighbouring pixels and channels."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.interpolate(torch.rand(n, 1, 8, 8, generator=g), size=32, mode="bilinear")
+    return (0.9 * base + 0.1 * torch.rand(n, 3, 32, 32, generator=g)).clamp(0, 1)
+
+
+def _patch_cov(x: torch.Tensor) -> torch.Tensor:
+    patches = x.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5)
+    patches = patches.reshape(-1, x.shape[1] * 4)
+    patches = patches - patches.mean(0)
+    return patches.T @ patches / len(patches)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_whitening_stem_decorrelates_the_patches_of_its_first_batch(autocast):
+    from raeg_pl.models.classifier import WhiteningConv
+
+    stem = WhiteningConv(3, eps=5e-4).train()
+    x = _smooth_images(64)
+    assert not stem.initialised
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        stem(x)
+    assert stem.initialised and torch.isfinite(stem.weight).all()
+    assert stem.weight.shape == (24, 3, 2, 2)
+    # The 12 filters map the 2x2 patches onto their eigenbasis, scaled to variance
+    # lambda / (lambda + eps); the other 12 are their negatives.
+    eigenvalues = torch.linalg.eigvalsh(_patch_cov(x)).flip(0)
+    w = stem.weight[:12].double().reshape(12, 12)
+    whitened = w @ _patch_cov(x) @ w.T
+    expected = eigenvalues / (eigenvalues + 5e-4)
+    assert torch.allclose(whitened.diagonal(), expected, atol=1e-4)
+    assert (whitened - torch.diag(whitened.diagonal())).abs().max() < 1e-4
+    assert expected.min() < 0.9 < expected.max()  # the eps matters for this data
+    assert torch.equal(stem.weight[12:], -stem.weight[:12])
+
+
+def test_whitening_filters_are_fixed_after_the_first_batch_and_travel_in_checkpoints():
+    torch.manual_seed(0)
+    model = create_classifier("resnet_air_small_cifar", 10).train()
+    stem = model.backbone.stem[0]
+    assert "stem.0.weight" not in dict(model.backbone.named_parameters())
+    assert stem.bias.requires_grad
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(_smooth_images(16)), torch.arange(16) % 10).backward()
+    opt.step()
+    filters = stem.weight.clone()
+    assert stem.bias.abs().sum() > 0  # the bias trains
+    model(_smooth_images(16, seed=1))  # another batch does not set them again
+    assert torch.equal(stem.weight, filters)
+    fresh = create_classifier("resnet_air_small_cifar", 10)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.backbone.stem[0].initialised
+    x = _smooth_images(4, seed=2)
+    assert torch.allclose(fresh.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_fast_batchnorm_freezes_its_scale_and_speeds_up_its_bias():
+    from raeg_pl.models.classifier import FastBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5)
+    target = torch.randn(8, 4, 5, 5)
+    changes = {}
+    for scale in (1.0, 8.0):
+        bn = FastBatchNorm(4, bias_scale=scale)
+        assert not bn.weight.requires_grad and bn.momentum == 0.4 and bn.eps == 1e-12
+        opt = torch.optim.SGD([p for p in bn.parameters() if p.requires_grad], lr=0.01)
+        F.mse_loss(bn(x), target).backward()
+        opt.step()
+        # The bias the layer applies is bias_scale * its parameter (zero at the start).
+        changes[scale] = bn.bias.detach() * scale
+    # With SGD the applied bias moves bias_scale ** 2 times as far.
+    assert torch.allclose(changes[8.0], 64 * changes[1.0], rtol=1e-4)
+    assert changes[1.0].abs().min() > 0
+
+
+def test_air_network_convolutions_start_as_identities():
+    from raeg_pl.models.classifier import AirResNet
+
+    net = AirResNet((8, 16, 16), num_classes=10, dirac=True)
+    convs = [m for m in net.blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        w = conv.weight.detach()
+        n = min(conv.in_channels, conv.out_channels)
+        identity = torch.zeros_like(w[:n])
+        identity[torch.arange(n), torch.arange(n), 1, 1] = 1
+        assert torch.equal(w[:n], identity)
+        if conv.out_channels > n:  # the widening filters keep their random init
+            assert w[n:].abs().sum() > 0
+    plain = AirResNet((8, 16, 16), num_classes=10, dirac=False)
+    assert plain.blocks[0][0].weight[0, 0, 1, 1] != 1
+    with pytest.raises(ValueError, match="three block widths"):
+        AirResNet((8, 16), num_classes=10)
+
+
+def test_air_network_without_whitening_has_a_trained_stem():
+    net = timm.create_model("resnet_air_small_cifar", num_classes=10, whiten=False)
+    assert isinstance(net.stem[0], torch.nn.Conv2d) and net.stem[0].weight.requires_grad
+    assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 # ----------------------------------------------------------------- adversarial training

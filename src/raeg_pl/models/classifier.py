@@ -14,6 +14,7 @@ them), for architectures whose timm defaults assume ImageNet-sized inputs:
 | MobileNet-V2 | ``mobilenetv2_cifar`` | ``mobilenet_tiny_cifar`` |
 | ViT (4x4 patches) | ``vit_tiny_cifar`` | ``vit_micro_cifar`` |
 | fast ResNet-9 | ``resnet_fast_cifar`` | ``resnet_fast_tiny_cifar`` |
+| airbench (whitened ResNet) | ``resnet_air_cifar`` | ``resnet_air_small_cifar`` |
 
 All take 32x32 inputs (any ``in_chans``, ``num_classes``) and build without downloads.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import ClassifierHead
 from timm.models import register_model
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
@@ -420,6 +422,238 @@ def resnet_fast_cifar(pretrained: bool = False, **kwargs) -> FastResNet:
 def resnet_fast_tiny_cifar(pretrained: bool = False, **kwargs) -> FastResNet:
     """Page's ResNet-9 at a quarter of the width (16-32-64-128): a CPU pirate."""
     return _fast_resnet((16, 32, 64, 128), **kwargs)
+
+
+class WhiteningConv(nn.Module):
+    """A fixed 2x2 patch-whitening convolution: the stem of airbench (Jordan, 2024).
+
+    Its ``2 * in_chans * 4`` filters are the eigenvectors of the covariance of the 2x2
+    input patches, each scaled by ``1 / sqrt(eigenvalue + eps)``, and their negatives (so a
+    following activation keeps both signs). They are computed from the inputs of the first
+    forward pass (in training, one augmented batch: a few hundred thousand patches fix the
+    12x12 covariance), so the model needs no separate data pass. The filters are a buffer,
+    not a parameter: they never train, checkpoints carry them, and DDP broadcasts rank 0's
+    to every rank; the bias trains.
+
+    Args:
+        in_chans: input channels.
+        eps: added to the eigenvalues (airbench's 5e-4).
+
+    Inputs (B, in_chans, H, W) normalised images; outputs (B, 8 * in_chans, H - 1, W - 1).
+    """
+
+    def __init__(self, in_chans: int, eps: float = 5e-4) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.out_channels = 2 * in_chans * 4
+        self.eps = eps
+        self.register_buffer("weight", torch.zeros(self.out_channels, in_chans, 2, 2))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels))
+
+    @torch.no_grad()
+    def init_whitening(self, x: torch.Tensor) -> None:
+        """Sets the filters from the 2x2 patches of ``x`` (B, in_chans, H, W)."""
+        c = x.shape[1]
+        patches = x.double().unfold(2, 2, 1).unfold(3, 2, 1)  # (B, C, H-1, W-1, 2, 2)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
+        patches = patches - patches.mean(0)
+        # In float64 and outside autocast: a bf16 product is not positive semi-definite.
+        with torch.autocast(x.device.type, enabled=False):
+            cov = patches.T @ patches / patches.shape[0]
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        eigenvalues = eigenvalues.clamp(min=0)
+        filters = (eigenvectors.T / (eigenvalues[:, None] + self.eps).sqrt()).float()
+        filters = filters.flip(0).reshape(c * 4, c, 2, 2)  # largest eigenvalue first
+        self.weight.copy_(torch.cat([filters, -filters]))
+        self.initialised.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialised:
+            self.init_whitening(x)
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class FastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with airbench's options: fixed unit scale, fast statistics, scaled bias.
+
+    Args:
+        num_features: channels.
+        momentum: PyTorch's running-average momentum (airbench: 0.4, i.e. fast).
+        eps: variance epsilon (airbench: 1e-12).
+        affine_weight: learn the per-channel scale (airbench keeps it at 1).
+        bias_scale: the bias is ``bias_scale * b`` for a learned ``b``: with SGD this
+            multiplies the bias's effective learning rate by ``bias_scale ** 2`` (airbench
+            trains BatchNorm biases at 64x the learning rate: ``bias_scale`` 8) without an
+            optimiser parameter group.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float = 0.4,
+        eps: float = 1e-12,
+        affine_weight: bool = False,
+        bias_scale: float = 1.0,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(affine_weight)
+        self.bias_scale = bias_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch = self.training
+        if use_batch:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias * self.bias_scale,
+            use_batch,
+            self.momentum,
+            self.eps,
+        )
+
+
+class AirBlock(nn.Sequential):
+    """conv3x3 -> max-pool 2 -> BN -> act -> conv3x3 -> BN -> act (airbench's block).
+
+    Pooling right after the first convolution runs its BatchNorm, activation and the second
+    convolution at a quarter of the pixels.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, bn: partial, act_layer: type[nn.Module]):
+        super().__init__(
+            nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False),
+            nn.MaxPool2d(2),
+            bn(out_chs),
+            act_layer(),
+            nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False),
+            bn(out_chs),
+            act_layer(),
+        )
+
+
+class AirResNet(nn.Module):
+    """The airbench CIFAR-10 network (K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a
+    single GPU", 2024), a descendant of Page's ResNet-9 tuned for accuracy per FLOP.
+
+    A frozen 2x2 whitening stem (:class:`WhiteningConv`) and GELU, then three blocks of
+    conv-pool-BN-GELU-conv-BN-GELU (:class:`AirBlock`), a 3x3 max-pool, a bias-free linear
+    layer with logits scaled by ``logit_scale``. Options (each one of airbench's, each can be
+    switched off for ablations): identity (Dirac) initialisation of the convolutions' first
+    ``min(in_chs, out_chs)`` filters, BatchNorms with fixed scale, fast statistics and a bias learning-rate
+    multiplier (:class:`FastBatchNorm`).
+
+    Args:
+        widths: output widths of the three blocks (airbench: 64, 256, 256).
+        num_classes: output classes (0: the pooled features are returned).
+        in_chans: input channels.
+        whiten: the whitening stem (False: a trained 3x3 conv-BN-GELU stem of the same width).
+        dirac: identity initialisation of the 3x3 convolutions.
+        bn_momentum: PyTorch momentum of the BatchNorm running averages.
+        bn_bias_scale: see :class:`FastBatchNorm` (8: 64x bias learning rate).
+        bn_weight: learn BatchNorm scales.
+        logit_scale: factor on the logits (airbench: 1/9).
+        act_layer: activation class.
+
+    Inputs (B, in_chans, 32, 32) normalised images (any size >= 24 works); outputs
+    (B, num_classes) logits.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (64, 256, 256),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        whiten: bool = True,
+        dirac: bool = True,
+        bn_momentum: float = 0.4,
+        bn_bias_scale: float = 8.0,
+        bn_weight: bool = False,
+        logit_scale: float = 1 / 9,
+        act_layer: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        if len(widths) != 3:
+            raise ValueError(f"AirResNet takes three block widths, got {tuple(widths)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.logit_scale = logit_scale
+        bn = partial(
+            FastBatchNorm, momentum=bn_momentum, affine_weight=bn_weight, bias_scale=bn_bias_scale
+        )
+        stem_width = 2 * in_chans * 4
+        if whiten:
+            self.stem = nn.Sequential(WhiteningConv(in_chans), act_layer())
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False),
+                bn(stem_width),
+                act_layer(),
+            )
+        chans = [stem_width, *widths]
+        self.blocks = nn.Sequential(
+            *(AirBlock(a, b, bn, act_layer) for a, b in zip(chans[:-1], chans[1:]))
+        )
+        self.pool = nn.Sequential(nn.MaxPool2d(3), nn.AdaptiveMaxPool2d(1))
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.fc = self._make_fc(num_classes)
+        if dirac:
+            for m in self.blocks.modules():
+                if isinstance(m, nn.Conv2d):
+                    # Each conv starts as the identity on its first min(in, out) outputs
+                    # (the rest keep PyTorch's default init), so a deep stack starts near
+                    # shallow.
+                    torch.nn.init.dirac_(m.weight.data[: m.in_channels])
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, bias=False)
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm's interface)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces the final linear layer (timm's interface; the pooling stays max)."""
+        self.num_classes = num_classes
+        self.fc = self._make_fc(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, widths[-1], H', W') after the third block."""
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (B, num_features) if ``pre_logits``, else logits (B, num_classes)."""
+        x = self.pool(x).flatten(1)
+        if pre_logits or self.num_classes <= 0:
+            return x
+        return self.fc(x) * self.logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _air_resnet(widths: Sequence[int], **kwargs) -> AirResNet:
+    kwargs = _drop_pretrained_kwargs(kwargs)
+    model = AirResNet(widths, **kwargs)
+    model.pretrained_cfg = _small_image_cfg(model.in_chans, model.num_classes, "stem.0", "fc")
+    return model
+
+
+@register_model
+def resnet_air_cifar(pretrained: bool = False, **kwargs) -> AirResNet:
+    """The airbench94 network (whitening stem, blocks 64-256-256): a GPU pirate."""
+    return _air_resnet((64, 256, 256), **kwargs)
+
+
+@register_model
+def resnet_air_small_cifar(pretrained: bool = False, **kwargs) -> AirResNet:
+    """The airbench network at blocks 32-128-128 (~1/4 of its FLOPs): a CPU pirate."""
+    return _air_resnet((32, 128, 128), **kwargs)
 
 
 class Normalize(nn.Module):
