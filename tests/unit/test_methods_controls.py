@@ -391,3 +391,18 @@ def test_bad_labels_and_calls_name_the_problem(cifar):
     assert ops.positions[NUM_CLASSES] is None
     with pytest.raises(ValueError, match=f"class {NUM_CLASSES}"):
         ops.protect(x, torch.full_like(y, NUM_CLASSES))
+
+
+def test_ops_on_a_constant_pixel_scores_inf_and_writes_json():
+    import json
+
+    images = torch.full((6, 3, 8, 8), 128, dtype=torch.uint8)
+    images[:, :, 1:, :] = torch.randint(
+        1, 255, (6, 3, 7, 8), generator=torch.Generator().manual_seed(0)
+    ).byte()
+    labels = torch.zeros(6, dtype=torch.long)
+    method = OnePixelShortcutMethod()
+    method.fit(images, labels)
+    # Row 0 is the same grey in every image: every colour changes it by the same amount.
+    assert method.positions[0][0] == 0 and method.scores[0] == math.inf
+    assert json.loads(json.dumps(method.config(), allow_nan=False))["scores"] == ["inf"]

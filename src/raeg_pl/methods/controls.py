@@ -619,7 +619,7 @@ class OnePixelShortcutMethod(ProtectionMethod):
         return out
 
     def config(self) -> dict[str, Any]:
-        """Name, parameters and the pixel, colour and score found for each class."""
+        """Name, parameters and the pixel (row, col), colour and score found for each class."""
         return {
             "name": self.name,
             "num_classes": self.num_classes,
@@ -627,5 +627,6 @@ class OnePixelShortcutMethod(ProtectionMethod):
             "batch_size": self.batch_size,
             "positions": [None if p is None else list(p) for p in self.positions],
             "colours": self.colours,
-            "scores": self.scores,
+            # JSON has no infinity: a constant change (std 0) is written as "inf".
+            "scores": [s if s is None or math.isfinite(s) else "inf" for s in self.scores],
         }
