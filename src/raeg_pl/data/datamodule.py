@@ -360,9 +360,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
         train_dir: an ImageFolder split that replaces the dataset's training folder (a
             protected or recovered export); validation is carved from it, test stays clean.
-        train_defense: a defence spec (``"jpeg:q=75"``, ``"gray"``...) applied once, in its
-            real 8-bit form, to the training and validation images: the pirate's
-            pre-processing.
+        train_defense: the pirate's pre-processing of the training and validation images,
+            applied once and stored as 8-bit: an image defence spec (``"jpeg:q=75"``,
+            ``"gray"``...) in its real form, ``"classpattern[:sigma=S]"`` (class patterns
+            estimated from the training images and labels, subtracted) or
+            ``"inverse[:k=K,steps=N]"`` (a network fitted to K leaked clean/protected pairs
+            among the training images, applied to all); see
+            :mod:`raeg_pl.defenses.pirate`.
+        clean_train_dir: the clean originals of ``train_dir`` (same relative file names),
+            where ``inverse`` takes its leaked pairs from.
         val_on_test: also evaluate the clean test split after every epoch (logged as
             ``val/test_acc``) to report final and peak accuracy curves.
         on_device: keep every split on the training device and batch it there
@@ -390,6 +396,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_dir: str | None = None,
         train_defense: str | None = None,
+        clean_train_dir: str | None = None,
         val_on_test: bool = False,
         on_device: bool = False,
     ) -> None:
@@ -412,6 +419,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_dir = Path(train_dir) if train_dir else None
         self.train_defense = train_defense if train_defense not in (None, "", "none") else None
+        self.clean_train_dir = Path(clean_train_dir) if clean_train_dir else None
+        #: What the pirate's pre-processing measured (the learned inverse's fit), after setup.
+        self.train_defense_stats: dict = {}
         self.val_on_test = val_on_test
         self.on_device = on_device
         self._located: _Located | None = None
@@ -528,7 +538,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_images = train_full.images
         if self.train_defense:
             # The pirate's pre-processing, once, in its real 8-bit form (real JPEG codec...).
-            train_images = apply_defense_uint8(train_images, self.train_defense)
+            train_images = self._pirate_preprocessing(train_full)
         self.train_set = TensorImageDataset(
             train_images[self.train_indices], train_full.labels[self.train_indices]
         )
@@ -536,6 +546,81 @@ class ImageClassificationDataModule(L.LightningDataModule):
             train_images[self.val_indices], train_full.labels[self.val_indices]
         )
         self.test_set = TensorImageDataset(test_full.images[test_idx], test_full.labels[test_idx])
+
+    def _pirate_preprocessing(self, train_full: DecodedSplit) -> torch.Tensor:
+        """``train_defense`` applied to the whole training folder (N, C, H, W) uint8."""
+        from raeg_pl.defenses.pirate import (
+            learned_inverse_uint8,
+            parse_pirate_defense,
+            remove_class_patterns_uint8,
+        )
+
+        defense = parse_pirate_defense(self.train_defense)
+        images, labels = train_full.images, train_full.labels
+        if defense.kind == "image":
+            return apply_defense_uint8(images, self.train_defense)
+        if defense.kind == "labelled":
+            return remove_class_patterns_uint8(
+                images, labels, self.num_classes, defense.params["sigma"], self.train_indices
+            )
+        if defense.kind == "paired":
+            pairs, clean = self._leaked_pairs(train_full, int(defense.params["k"]))
+            restored, stats = learned_inverse_uint8(
+                images,
+                labels,
+                self.num_classes,
+                pairs,
+                clean,
+                steps=int(defense.params["steps"]),
+                seed=self.seed,
+            )
+            self.train_defense_stats = stats
+            return restored
+        raise ValueError(
+            f"train_defense {self.train_defense!r} changes the training loop, not the data: "
+            f"give the classifier {defense.model} instead"
+        )
+
+    def _leaked_pairs(self, train_full: DecodedSplit, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded choice of ``k`` training images and their clean originals.
+
+        Returns:
+            ``(indices, clean)``: (k,) indices into the training folder and (k, C, H, W)
+            uint8 originals, read from :attr:`clean_train_dir` by relative file name.
+
+        Raises:
+            DatasetError: no clean folder, too few training images, or a chosen file
+                missing from the clean folder (named), or of another size.
+        """
+        if self.clean_train_dir is None:
+            raise DatasetError(
+                f"train_defense {self.train_defense!r} needs clean_train_dir: the clean "
+                f"originals of {self.train_dir or 'the training folder'}"
+            )
+        if k > len(self.train_indices):
+            raise DatasetError(
+                f"train_defense {self.train_defense!r}: {k} leaked pairs asked for, only "
+                f"{len(self.train_indices)} training images"
+            )
+        g = torch.Generator().manual_seed(self.seed + 104_729)
+        chosen = self.train_indices[torch.randperm(len(self.train_indices), generator=g)[:k]]
+        mode = "L" if self.channels == 1 else "RGB"
+        clean, _, _ = load_split_cached(self.clean_train_dir, self.cache_dir, mode, self.image_size)
+        where = {f: i for i, f in enumerate(clean.files)}
+        missing = [train_full.files[i] for i in chosen.tolist() if train_full.files[i] not in where]
+        if missing:
+            raise DatasetError(
+                f"{self.clean_train_dir}: no clean original of {len(missing)} leaked pair(s) of "
+                f"{self.train_dir or 'the training folder'}, e.g. {missing[0]!r}: the protected "
+                "and clean folders must hold the same relative file names"
+            )
+        originals = clean.images[[where[train_full.files[i]] for i in chosen.tolist()]]
+        if originals.shape[1:] != train_full.images.shape[1:]:
+            raise DatasetError(
+                f"{self.clean_train_dir}: images of shape {tuple(originals.shape[1:])}, the "
+                f"training folder's are {tuple(train_full.images.shape[1:])}"
+            )
+        return chosen, originals
 
     @property
     def split_sizes(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from raeg_pl.attacks import pgd_linf
+from raeg_pl.data.augment import ueraser
 from raeg_pl.models.classifier import create_classifier
 
 
@@ -45,6 +46,10 @@ def batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
             for m, bufs in zip(norms, saved):
                 for b, kept in zip(m.buffers(recurse=False), bufs):
                     b.copy_(kept)
+
+
+#: Training-batch augmentations of :class:`ClassifierLitModule` (``train_augment``).
+TRAIN_AUGMENTS = ("none", "ueraser")
 
 
 class ClassifierLitModule(L.LightningModule):
@@ -79,6 +84,12 @@ class ClassifierLitModule(L.LightningModule):
             generation, e.g. to check a model compiles).
         tta_flip: evaluate (validation, test, predict) on the mean of the logits of each
             image and its horizontal mirror.
+        train_augment: extra augmentation of every training batch on its device, after
+            the data module's crop and flip: ``"none"``, or ``"ueraser"``, UEraser-style
+            strong augmentation (:func:`raeg_pl.data.augment.ueraser`: plasma brightness
+            and contrast, channel shuffle, posterisation, random erasing, then mixup or
+            CutMix), trained with the cross-entropy of its soft labels: the pirate's
+            strong-augmentation defence. Not combined with adversarial training.
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class ClassifierLitModule(L.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         tta_flip: bool = False,
+        train_augment: str = "none",
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -112,6 +124,15 @@ class ClassifierLitModule(L.LightningModule):
             raise ValueError(
                 f"adversarial training needs eps >= 0 and steps >= 1, got "
                 f"eps={adv_train_eps}, steps={adv_train_steps}"
+            )
+        if train_augment not in TRAIN_AUGMENTS:
+            raise ValueError(
+                f"train_augment must be one of {TRAIN_AUGMENTS}, got {train_augment!r}"
+            )
+        if train_augment != "none" and adv_train_eps > 0:
+            raise ValueError(
+                f"train_augment={train_augment!r} and adversarial training "
+                f"(adv_train_eps={adv_train_eps}) do not combine: choose one"
             )
         self.save_hyperparameters()
         self.model = create_classifier(
@@ -218,13 +239,19 @@ class ClassifierLitModule(L.LightningModule):
             with torch.no_grad(), batchnorm_stats_kept(self.model):
                 self.train_acc(self(images), labels)
             images = self.adversarial_examples(images, labels)
+        # The loss's targets: the labels, or the soft labels of a mixed batch.
+        targets = labels
+        if self.hparams.train_augment == "ueraser":
+            images, targets = ueraser(images, labels, self.hparams.num_classes)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         if adversarial:
             self.train_adv_acc(logits.detach(), labels)
             self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
         else:
-            self.train_acc(logits.detach(), labels)
+            # On a mixed batch, accuracy against each image's larger share.
+            hard = targets.argmax(1) if targets.ndim == 2 else labels
+            self.train_acc(logits.detach(), hard)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
