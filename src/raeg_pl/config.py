@@ -249,6 +249,22 @@ def parse_adv_train(defense: str) -> dict | None:
     return out
 
 
+def parse_pirate_defense(spec: str):
+    """A grid's ``pirate_defenses`` entry as a :class:`raeg_pl.defenses.pirate.PirateDefense`.
+
+    What it changes: the data once (an image defence: ``.data``), the data with labels or
+    leaked pairs (``classpattern``, ``inverse``: ``.data``), or the training loop
+    (``adv_train``, ``ueraser``: ``.model``, classifier overrides); see
+    :mod:`raeg_pl.defenses.pirate`. Imports torch when called.
+
+    Raises:
+        ValueError: a malformed or unknown spec, named, with the valid ones.
+    """
+    from raeg_pl.defenses.pirate import parse_pirate_defense as parse
+
+    return parse(spec)
+
+
 def grid_pirates(cfg: dict) -> dict[str, dict]:
     """Each pirate architecture's classifier spec: ``pirate`` merged with its entry."""
     pirate = cfg.get("pirate") or {}
@@ -341,13 +357,16 @@ def validate_grid_config(cfg: dict) -> list[str]:
         for i in spec.get("surrogates") or []:
             if not 0 <= int(i) < len(cfg.get("surrogates") or []):
                 problems.append(f"rows.{row}.surrogates: no surrogate {i}")
-    specs = [("pirate_defenses", d) for d in cfg.get("pirate_defenses") or []]
-    specs += [("eval_defenses", d) for d in cfg.get("eval_defenses") or []]
+    for spec in cfg.get("pirate_defenses") or []:
+        try:
+            parse_pirate_defense(spec)
+        except ValueError as e:
+            problems.append(f"pirate_defenses: {spec!r}: {e}")
+    specs = [("eval_defenses", d) for d in cfg.get("eval_defenses") or []]
     specs += [("protector.model.train_defenses", d) for d in protector.get("train_defenses") or []]
     for where, spec in specs:
         try:
-            data_defense = where != "pirate_defenses" or parse_adv_train(spec) is None
-            if data_defense and spec not in ("none", "identity"):
+            if spec not in ("none", "identity"):
                 get_defense(spec)
         except (ValueError, KeyError) as e:
             problems.append(f"{where}: {spec!r}: {e}")
@@ -373,6 +392,7 @@ __all__ = [
     "normalise_recipe",
     "parse_adv_train",
     "parse_override",
+    "parse_pirate_defense",
     "recipe_differences",
     "row_method_params",
     "row_protector_spec",

@@ -43,6 +43,7 @@ from raeg_pl.config import (
     grid_pirates,
     load_grid_config,
     parse_adv_train,
+    parse_pirate_defense,
     row_method_params,
     row_protector_spec,
     row_spec,
@@ -262,7 +263,9 @@ class Grid(StageRunner):
             "recovered": ("methods", row, "recovered"),
         }[source]
         spec = self.pirates[arch]
-        adv = parse_adv_train(defense)
+        pirate_defense = parse_pirate_defense(defense)
+        # The training loop's part of the defence (adv_train, ueraser): classifier overrides.
+        adv = parse_adv_train(defense) or pirate_defense.model
         if adv:
             spec = deep_merge(spec, {"model": adv})
         # Seed k sets the pirate's initialisation and DataLoader order (global seed 100 + k)
@@ -274,6 +277,8 @@ class Grid(StageRunner):
             "train_per_class": None,
             "seed": data_seed,
         }
+        if pirate_defense.kind == "paired":  # the leaked pairs' originals: the clean export
+            data["clean_train_dir"] = str(self.run_dir / "methods" / CLEAN / "clean" / "train")
         stage_dir = self._pirate_dir(row, arch, defense, seed, source)
         grid = {
             "kind": "pirate",
@@ -297,7 +302,12 @@ class Grid(StageRunner):
             )
 
         upstream = None if source == "clean" else self.recipes.get(f"methods/{row}")
-        recipe = self.classifier_recipe(spec, 100 + seed, source, defense, upstream, data_seed)
+        # classpattern and inverse record every parameter, defaults included, in the recipe.
+        canonical = pirate_defense.kind in ("labelled", "paired")
+        recipe_defense = pirate_defense.spec if canonical else defense
+        recipe = self.classifier_recipe(
+            spec, 100 + seed, source, recipe_defense, upstream, data_seed
+        )
         return self.run_stage(str(stage_dir.relative_to(self.run_dir)), run, recipe)
 
     def clean_export(self) -> None:

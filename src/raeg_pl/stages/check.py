@@ -7,7 +7,9 @@ size and class count), every row's protector network through the same
 row's merged protector config, label conditioning and class count included; one forward
 and one inverse pass), and every row's method object through
 :func:`raeg_pl.methods.create_method`, the RAEG rows on their freshly built protector and
-the baselines on freshly initialised surrogates of the configured architectures. Nothing
+the baselines on freshly initialised surrogates of the configured architectures; every
+pirate defence is applied to a tiny batch (its data part) or run for one training step on
+every pirate architecture (adversarial training, strong augmentation). Nothing
 is trained, nothing is written outside a temporary folder, and a CPU does it in seconds.
 """
 
@@ -22,6 +24,7 @@ import torch
 from raeg_pl.config import (
     grid_pirates,
     parse_adv_train,
+    parse_pirate_defense,
     row_method_params,
     row_protector_spec,
     row_spec,
@@ -95,6 +98,50 @@ def check_forward(net: torch.nn.Module, images: torch.Tensor, classes: int) -> N
         )
     if not torch.isfinite(logits).all():
         raise ValueError("non-finite logits")
+
+
+def check_training_step(lit, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Runs one training step's loss of ``lit`` (its adversarial or augmented batch
+    included) and its backward pass on ``images`` (B, C, H, W) in [0, 1].
+
+    Raises:
+        ValueError: a non-finite loss.
+    """
+    lit.train()
+    lit.log = lambda *a, **k: None  # no Trainer to log to
+    loss = lit.training_step((images, labels), 0)
+    if not torch.isfinite(loss):
+        raise ValueError(f"non-finite training loss {float(loss)}")
+    loss.backward()
+
+
+def check_pirate_data_defense(
+    defense, images: torch.Tensor, labels: torch.Tensor, classes: int
+) -> None:
+    """Applies a pirate defence's data part to a tiny uint8 batch (nothing for the others).
+
+    Class-pattern removal runs as the data module runs it; the learned inverse fits one
+    step on the batch as its own leaked pairs and is applied to it.
+
+    Raises:
+        ValueError: an output of another shape or dtype than the input.
+    """
+    from raeg_pl.data.datamodule import apply_defense_uint8
+    from raeg_pl.defenses.pirate import learned_inverse_uint8, remove_class_patterns_uint8
+    from raeg_pl.utils.quantize import to_uint8
+
+    x = to_uint8(images)
+    if defense.kind == "image":
+        out = apply_defense_uint8(x, defense.spec)
+    elif defense.kind == "labelled":
+        out = remove_class_patterns_uint8(x, labels, classes, defense.params["sigma"])
+    elif defense.kind == "paired":
+        pairs = torch.arange(len(x))
+        out, _ = learned_inverse_uint8(x, labels, classes, pairs, x, steps=1)
+    else:
+        return
+    if out.shape != x.shape or out.dtype != torch.uint8:
+        raise ValueError(f"output {tuple(out.shape)} {out.dtype}, input {tuple(x.shape)} uint8")
 
 
 def save_classifier_checkpoint(lit, path: Path) -> Path:
@@ -218,15 +265,25 @@ def check_grid_builds(cfg: dict, say=None) -> list[str]:
                 problems.append(f"surrogates.{i}: cannot be built: {_error(e)}")
                 surrogates.append(None)
                 networks.append(None)
-        adv = [parse_adv_train(d) for d in cfg.get("pirate_defenses") or []]
+        defenses = cfg.get("pirate_defenses") or []
+        adv = [parse_adv_train(d) or parse_pirate_defense(d).model for d in defenses]
         for name, spec in grid_pirates(cfg).items():
             model_cfg = dict(spec.get("model") or {})
             try:
                 check_forward(build_classifier(model_cfg, classes, channels).model, images, classes)
-                for extra in filter(None, adv):  # adversarial training changes the recipe only
-                    build_classifier({**model_cfg, **extra}, classes, channels)
+                for extra in filter(None, adv):  # training-loop defences: one training step
+                    if "adv_train_eps" in extra:  # one PGD step: more run the same code
+                        extra = {**extra, "adv_train_steps": 1}
+                    check_training_step(
+                        build_classifier({**model_cfg, **extra}, classes, channels), images, labels
+                    )
             except Exception as e:  # noqa: BLE001 - reported by name
                 problems.append(f"pirates.{name}: cannot be built: {_error(e)}")
+        for spec in defenses:
+            try:
+                check_pirate_data_defense(parse_pirate_defense(spec), images, labels, classes)
+            except Exception as e:  # noqa: BLE001 - reported by name
+                problems.append(f"pirate_defenses: {spec!r}: cannot be applied: {_error(e)}")
         for row, raw in (cfg.get("rows") or {}).items():
             spec = row_spec(cfg, raw)
             picked = spec.get("surrogates")
@@ -259,6 +316,8 @@ __all__ = [
     "build_protector",
     "check_forward",
     "check_grid_builds",
+    "check_pirate_data_defense",
+    "check_training_step",
     "data_geometry",
     "protector_side",
     "save_classifier_checkpoint",
