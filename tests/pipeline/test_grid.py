@@ -99,6 +99,12 @@ def test_grid_runs_every_cell_resumes_and_builds_tables(data_root, cache_dir, tm
     assert methods["pgd"]["inference_test_images"] == 30 and methods["pgd"]["test_images"] == 60
     for r in plan["rows"][1:]:
         assert len(list((run / "methods" / r / "protected" / "train").rglob("*.png"))) == 120
+        # Class structure of the stored perturbation; null where a barely trained method left
+        # every image unchanged (nothing to measure), a number for the sign attacks.
+        share = methods[r]["perturbation_classmean_share"]
+        assert share is None or 0.0 <= share <= 1.0
+        if r in ("pgd", "poison"):
+            assert 0.0 < share <= 1.0 and -1.0 <= methods[r]["perturbation_cos_same_class"] <= 1.0
 
     # A rerun has nothing to do.
     capsys.readouterr()

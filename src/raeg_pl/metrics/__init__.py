@@ -1,4 +1,5 @@
-"""Metrics: image quality (PSNR, SSIM, exact-pixel rate, distances) and 8-bit conversion."""
+"""Metrics: image quality (PSNR, SSIM, exact-pixel rate, distances), 8-bit conversion and the
+class structure of a perturbation."""
 
 from raeg_pl.metrics.image_quality import (
     PSNR_MAX_DB,
@@ -11,10 +12,12 @@ from raeg_pl.metrics.image_quality import (
     ssim,
     to_uint8,
 )
+from raeg_pl.metrics.perturbation import class_structure
 
 __all__ = [
     "PSNR_MAX_DB",
     "ImageQuality",
+    "class_structure",
     "exact_pixel_rate",
     "from_uint8",
     "l2",

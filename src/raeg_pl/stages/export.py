@@ -64,7 +64,7 @@ def method_export_stage(
             figures (None: all of it); attacks on every test image dominate a CPU budget.
     """
     from raeg_pl.io.protected import load_export, tensor_fingerprint, write_image_folder
-    from raeg_pl.metrics import ImageQuality
+    from raeg_pl.metrics import ImageQuality, class_structure
 
     images, labels = dm.train_set.images, dm.train_set.labels
     files, classes = dm.train_files, dm.classes
@@ -104,6 +104,12 @@ def method_export_stage(
             q_rec.update(r_images[i : i + 1024], c_images[i : i + 1024])
     qp = q_prot.compute()
     qr = q_rec.compute() if r_images is not None else None
+    # How much of the stored perturbation is one pattern per class (a pirate with the labels
+    # can estimate and remove that part).
+    structure = {  # NaN (no pair of images to compare) is stored as null: valid JSON
+        k: None if v != v else v
+        for k, v in class_structure(c_images, p_images, p_labels, len(classes)).items()
+    }
 
     # Inference-time protection on held-out clean test images, after 8-bit storage.
     test_x, test_y = dm.test_set.images, dm.test_set.labels
@@ -134,6 +140,9 @@ def method_export_stage(
         "ssim_protected": float(qp["ssim"]),
         "linf_protected": float(qp["linf"]),
         "l2_protected": float(qp["l2"]),
+        "perturbation_classmean_share": structure["classmean_share"],
+        "perturbation_cos_same_class": structure["cos_same_class"],
+        "perturbation_cos_diff_class": structure["cos_diff_class"],
         "psnr_recovered": opt(qr, "psnr"),
         "ssim_recovered": opt(qr, "ssim"),
         "exact_pixel_rate_recovered": opt(qr, "exact_pixel_rate"),

@@ -224,7 +224,14 @@ def load_method(path: Path) -> dict[str, Any]:
     }
     for key in ("psnr_protected", "ssim_protected", "linf_protected", "l2_protected"):
         out[key] = _number(data, key, path)
-    for key in ("psnr_recovered", "ssim_recovered", "craft_seconds_per_1000"):
+    for key in (
+        "psnr_recovered",
+        "ssim_recovered",
+        "craft_seconds_per_1000",
+        "perturbation_classmean_share",
+        "perturbation_cos_same_class",
+        "perturbation_cos_diff_class",
+    ):
         out[key] = _number(data, key, path)
     for key in ("exact_pixel_rate_recovered", "surrogate_acc_clean"):
         out[key] = _number(data, key, path, fraction=True)
