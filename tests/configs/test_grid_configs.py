@@ -63,6 +63,10 @@ def test_robustness_grid_covers_every_pirate_defence():
     names = {d.split(":")[0] for d in cfg["pirate_defenses"]}
     qualities = {d for d in cfg["pirate_defenses"] if d.startswith("jpeg")}
     assert {"none", "gray", "blur", "median", "noise", "bits", "resize", "adv_train"} <= names
+    # The adaptive pirates, and adversarial training at the literature's 8/255.
+    assert {"classpattern", "inverse", "ueraser"} <= names
+    assert {"inverse:k=100", "inverse:k=1000"} <= set(cfg["pirate_defenses"])
+    assert any(d.startswith("adv_train:eps=8") for d in cfg["pirate_defenses"])
     assert qualities == {f"jpeg:q={q}" for q in (90, 75, 50, 30, 10)}
 
 
@@ -72,7 +76,7 @@ def test_robustness_grid_covers_every_pirate_defence():
         ("rows.pgd.epss=3", "unknown argument 'epss'"),
         ("pirates.vgg.model.arch=vgg_nope", "not a registered timm model"),
         ("protector.model.l_advv=1", "unknown argument 'l_advv'"),
-        ("rows.raeg.protector.model.foo=1", "unknown argument 'foo'"),
+        ("rows.raeg_cond.protector.model.foo=1", "unknown argument 'foo'"),
         ("rows.pgd.kind=pgdx", "unknown method kind"),
         ("pirate_defenses=[none, 'jpegx:q=5']", "jpegx"),
         ("pirate_defenses=[none, 'adv_train:epz=3']", "adv_train"),
