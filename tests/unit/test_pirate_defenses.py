@@ -12,6 +12,7 @@ from PIL import Image
 
 from raeg_pl.config import load_grid_config, validate_grid_config
 from raeg_pl.data.augment import mix_batch, ueraser
+from raeg_pl.data.datamodule import CIFAR10_CLASSES
 from raeg_pl.defenses.ops import gaussian_blur
 from raeg_pl.defenses.pirate import (
     PIRATE_DEFENSES,
@@ -27,18 +28,7 @@ from raeg_pl.utils.quantize import from_uint8, to_uint8
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN_QUICK = REPO / "experiments" / "main" / "quick.yaml"
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CLASSES = CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")

@@ -327,7 +327,30 @@ class ResidualPair(nn.Module):
         return x + self.conv2(self.conv1(x))
 
 
-class FastResNet(nn.Module):
+class LinearHead:
+    """timm's classifier interface for a network whose head is one bias-free linear layer
+    ``fc`` on ``num_features`` pooled features (the pooling stays what the network uses)."""
+
+    num_features: int
+    num_classes: int
+    fc: nn.Module
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, bias=False)
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm's interface)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces the final linear layer (timm's interface; the pooling is kept)."""
+        self.num_classes = num_classes
+        self.fc = self._make_fc(num_classes)
+
+
+class FastResNet(LinearHead, nn.Module):
     """The fast 9-layer CIFAR ResNet of the training-speed records (Page's ResNet-9).
 
     D. Page, "How to train your ResNet" (2018; DAWNBench CIFAR-10 record), the basis of the
@@ -374,20 +397,6 @@ class FastResNet(nn.Module):
         self.num_features = self.head_hidden_size = widths[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = self._make_fc(num_classes)
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        return nn.Linear(self.num_features, num_classes, bias=False)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm's interface)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replaces the final linear layer (timm's interface; the pooling stays global max)."""
-        self.num_classes = num_classes
         self.fc = self._make_fc(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -535,7 +544,7 @@ class AirBlock(nn.Sequential):
         )
 
 
-class AirResNet(nn.Module):
+class AirResNet(LinearHead, nn.Module):
     """The airbench CIFAR-10 network (K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a
     single GPU", 2024), a descendant of Page's ResNet-9 tuned for accuracy per FLOP.
 
@@ -607,20 +616,6 @@ class AirResNet(nn.Module):
                     # (the rest keep PyTorch's default init), so a deep stack starts near
                     # shallow.
                     torch.nn.init.dirac_(m.weight.data[: m.in_channels])
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        return nn.Linear(self.num_features, num_classes, bias=False)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (timm's interface)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replaces the final linear layer (timm's interface; the pooling stays max)."""
-        self.num_classes = num_classes
-        self.fc = self._make_fc(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, widths[-1], H', W') after the third block."""
