@@ -233,6 +233,20 @@ def method_overrides(cfg: dict) -> list[str]:
     return out
 
 
+def defence_overrides(cfg: dict) -> list[str]:
+    """Learned-inverse pirates with as few leaked pairs as the fake data holds, one step.
+
+    ``inverse:k=K`` refuses a training split of fewer than K images (a real pirate cannot
+    leak pairs it does not have), so the i-th one becomes ``inverse:k=<i+1>,steps=1``.
+    """
+    defenses = list(cfg.get("pirate_defenses") or [])
+    inverses = [d for d in defenses if d.split(":")[0] == "inverse"]
+    if not inverses:
+        return []
+    small = {d: f"inverse:k={i + 1},steps=1" for i, d in enumerate(inverses)}
+    return [f"pirate_defenses={json.dumps([small.get(d, d) for d in defenses])}"]
+
+
 @pytest.fixture(scope="module")
 def grid_root(tmp_path_factory):
     """Where the smoke grids run; removed afterwards (paper-sized checkpoints add up)."""
@@ -255,6 +269,7 @@ def test_grid_file_runs_every_row_arch_and_defence(config, fake_data, smoke_cach
     """
     overrides = [*pipeline_overrides(fake_data, smoke_cache), *GRID_EXTRA]
     overrides += method_overrides(load_grid_config(config, overrides))
+    overrides += defence_overrides(load_grid_config(config, overrides))
     cfg = load_grid_config(config, overrides)
     run = grid_root / cfg["run_dir"]
     grid = Grid(cfg, run)
