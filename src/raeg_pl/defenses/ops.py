@@ -11,10 +11,11 @@ and returns a tensor of the same shape, dtype and device, values in ``[0, 1]``.
   through Pillow, integer rounding, ...) and store the result as 8-bit again, so their output
   lies on the 8-bit grid ``k / 255``. They are not meant to be differentiated.
 
-Random operations (noise, crop, flip) take an optional ``torch.Generator``. Random numbers are
-drawn on the generator's device (without one, from the default generator of ``x``'s device)
-and in the same order in both forms, so the differentiable and the real form
-of an operation called with identically seeded generators make the same random choices.
+Random operations (noise, crop, flip, random-quality JPEG) take an optional
+``torch.Generator``. Random numbers are drawn on the generator's device (without one, from the
+default generator of ``x``'s device) and in the same order in both forms, so the differentiable
+and the real form of an operation called with identically seeded generators make the same
+random choices.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "bits_real",
     "crop_differentiable",
     "crop_real",
+    "draw_jpeg_quality",
     "flip_differentiable",
     "flip_real",
     "gaussian_blur",
@@ -50,8 +52,10 @@ __all__ = [
     "identity_real",
     "jpeg_differentiable",
     "jpeg_quant_tables",
+    "jpeg_random_real",
     "jpeg_real",
     "jpeg_ste",
+    "jpeg_ste_random",
     "median_filter",
     "median_filter_real",
     "quantize_8bit",
@@ -304,6 +308,62 @@ def jpeg_real(x: torch.Tensor, quality: int) -> torch.Tensor:
         out[i] = dec[..., None] if c == 1 else dec
     t = torch.from_numpy(out).permute(0, 3, 1, 2).to(device=x.device, dtype=x.dtype)
     return t / 255.0
+
+
+def draw_jpeg_quality(
+    qmin: int, qmax: int, generator: torch.Generator | None = None, device=None
+) -> int:
+    """A JPEG quality drawn uniformly from the integers ``qmin..qmax`` (both included).
+
+    Args:
+        qmin: lowest quality, in [1, 100].
+        qmax: highest quality, in [qmin, 100].
+        generator: optional RNG; the number is drawn on its device.
+        device: device of the draw without a generator (default: the CPU).
+
+    Returns:
+        The quality, a Python int.
+    """
+    _check_quality(qmin)
+    _check_quality(qmax)
+    if qmin > qmax:
+        raise ValueError(f"JPEG quality range needs qmin <= qmax, got {qmin} > {qmax}")
+    where = generator.device if generator is not None else (device or "cpu")
+    return int(torch.randint(qmin, qmax + 1, (1,), generator=generator, device=where))
+
+
+def jpeg_ste_random(
+    x: torch.Tensor, qmin: int, qmax: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """:func:`jpeg_ste` at a quality drawn per call (one quality for the whole batch).
+
+    Args:
+        x: (B, C, H, W) float in [0, 1], C in {1, 3}.
+        qmin: lowest quality, in [1, 100].
+        qmax: highest quality, in [qmin, 100].
+        generator: optional RNG of the draw (:func:`draw_jpeg_quality`).
+
+    Returns:
+        (B, C, H, W) float in [0, 1] on the 8-bit grid, differentiable w.r.t. ``x``.
+    """
+    return jpeg_ste(x, draw_jpeg_quality(qmin, qmax, generator, x.device))
+
+
+def jpeg_random_real(
+    x: torch.Tensor, qmin: int, qmax: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """:func:`jpeg_real` at a quality drawn per call; the same draw as :func:`jpeg_ste_random`.
+
+    Args:
+        x: (B, C, H, W) float in [0, 1], C in {1, 3}.
+        qmin: lowest quality, in [1, 100].
+        qmax: highest quality, in [qmin, 100].
+        generator: optional RNG of the draw.
+
+    Returns:
+        (B, C, H, W) float in [0, 1] on the 8-bit grid.
+    """
+    return jpeg_real(x, draw_jpeg_quality(qmin, qmax, generator, x.device))
 
 
 # ----------------------------------------------------------------------------------------------

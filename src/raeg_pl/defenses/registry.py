@@ -4,9 +4,9 @@ A defence is written as a *spec string*::
 
     name[:arg[,arg...]]      arg = value | key=value
 
-for instance ``"jpeg:q=10"``, ``"jpeg:10"``, ``"gray"``, ``"median:k=3"``, ``"blur:sigma=1"``,
-``"noise:std=4/255"``, ``"bits:4"``, ``"resize:0.5"``, ``"crop:scale=0.8,pad=4"``, ``"flip"``,
-``"none"``. Positional values fill the parameters in declaration order; float values may be
+for instance ``"jpeg:q=10"``, ``"jpeg:10"``, ``"jpeg_random:qmin=10,qmax=95"``, ``"gray"``,
+``"median:k=3"``, ``"blur:sigma=1"``, ``"noise:std=4/255"``, ``"bits:4"``, ``"resize:0.5"``,
+``"crop:scale=0.8,pad=4"``, ``"flip"``, ``"none"``. Positional values fill the parameters in declaration order; float values may be
 written as fractions (``4/255``). Names and keys are case-insensitive; aliases are resolved
 (``none`` -> ``identity``, ``jpg`` -> ``jpeg``, ``quality`` -> ``q``, ...).
 
@@ -181,6 +181,8 @@ class DefenseInfo:
         aliases: other names accepted in spec strings.
         random: whether the functions take a ``generator`` keyword (random defences).
         doc: one-line description.
+        check: optional test of the complete parameter dict, for constraints between
+            parameters (``qmin <= qmax``); raises ValueError with a reason.
     """
 
     name: str
@@ -190,6 +192,7 @@ class DefenseInfo:
     aliases: tuple[str, ...] = ()
     random: bool = False
     doc: str = ""
+    check: Callable[[Mapping[str, ParamValue]], None] | None = None
 
     def param(self, key: str) -> Param | None:
         """The parameter called ``key`` (or with that alias), or None."""
@@ -229,7 +232,13 @@ class DefenseInfo:
                 raise ValueError(
                     f"defence spec {spec!r}: bad parameter {p.name!r}: {err}; {self.valid_params()}"
                 ) from None
-        return {p.name: out.get(p.name, p.default) for p in self.params}
+        resolved = {p.name: out.get(p.name, p.default) for p in self.params}
+        if self.check is not None:
+            try:
+                self.check(resolved)
+            except ValueError as err:
+                raise ValueError(f"defence spec {spec!r}: {err}; {self.valid_params()}") from None
+        return resolved
 
 
 _REGISTRY: dict[str, DefenseInfo] = {}
@@ -287,6 +296,7 @@ def register_defense(
     aliases: Sequence[str] = (),
     doc: str | None = None,
     overwrite: bool = False,
+    check: Callable[[Mapping[str, ParamValue]], None] | None = None,
 ) -> Callable[[DefenseFn], DefenseFn]:
     """Decorator that registers a differentiable defence function under ``name``.
 
@@ -303,6 +313,8 @@ def register_defense(
         aliases: other names accepted in spec strings.
         doc: one-line description; default: the first line of the function's docstring.
         overwrite: allow replacing an existing defence of that name.
+        check: optional test of the complete parameter dict (constraints between
+            parameters); raises ValueError with a reason, reported with the spec.
 
     Returns:
         The decorator; it returns the function unchanged.
@@ -345,6 +357,7 @@ def register_defense(
             aliases=alias_list,
             random=is_random,
             doc=text,
+            check=check,
         )
         for a in alias_list:
             _ALIASES[a] = name
@@ -581,6 +594,10 @@ class DefenseCurriculum:
         specs: defence specs or Defense objects, easiest first. Identity entries are dropped
             (identity is always included); duplicates are kept (they weight the sampling).
         full_at: progress at which every defence is available, in (0, 1].
+        parse: turns one entry of ``specs`` into a defence object (default
+            :func:`get_defense`); a caller whose curriculum holds other kinds of defences
+            (the protector's label-using ones) passes its own. The objects need ``str`` and
+            an ``is_identity`` attribute.
 
     Example:
         >>> cur = DefenseCurriculum(["jpeg:q=90", "blur:sigma=1", "jpeg:q=50"])
@@ -590,13 +607,16 @@ class DefenseCurriculum:
         ['identity', 'jpeg:q=90', 'blur:sigma=1,k=0']
     """
 
-    def __init__(self, specs: Iterable[str | Defense], full_at: float = 1.0) -> None:
+    def __init__(
+        self,
+        specs: Iterable[str | Defense],
+        full_at: float = 1.0,
+        parse: Callable[[Any], Any] = get_defense,
+    ) -> None:
         if not 0 < full_at <= 1:
             raise ValueError(f"full_at must be in (0, 1], got {full_at}")
         self.identity = get_defense("identity")
-        self.defenses: list[Defense] = [
-            d for d in (get_defense(s) for s in specs) if not d.is_identity
-        ]
+        self.defenses: list[Any] = [d for d in (parse(s) for s in specs) if not d.is_identity]
         self.full_at = float(full_at)
 
     def __len__(self) -> int:
@@ -680,6 +700,25 @@ def _register_builtins() -> None:
         real=lambda x, *, q: ops.jpeg_real(x, q),
         doc="JPEG with a libjpeg-faithful forward pass and straight-through gradients",
     )(lambda x, *, q: ops.jpeg_ste(x, q))
+
+    def _quality_range(params: Mapping[str, ParamValue]) -> None:
+        if params["qmin"] > params["qmax"]:
+            raise ValueError(f"qmin {params['qmin']} must not exceed qmax {params['qmax']}")
+
+    register_defense(
+        "jpeg_random",
+        params=(
+            Param("qmin", int, 10, low=1, high=100, doc="lowest JPEG quality drawn"),
+            Param("qmax", int, 95, low=1, high=100, doc="highest JPEG quality drawn"),
+        ),
+        real=lambda x, *, qmin, qmax, generator=None: ops.jpeg_random_real(
+            x, qmin, qmax, generator
+        ),
+        aliases=("jpeg_rand",),
+        check=_quality_range,
+        doc="JPEG at a quality drawn uniformly from qmin..qmax per batch "
+        "(differentiable: jpeg_ste's straight-through codec; real: Pillow libjpeg)",
+    )(lambda x, *, qmin, qmax, generator=None: ops.jpeg_ste_random(x, qmin, qmax, generator))
 
     register_defense(
         "gray",
