@@ -12,12 +12,14 @@ from raeg_pl.metrics.image_quality import (
     ssim,
     to_uint8,
 )
-from raeg_pl.metrics.perturbation import class_structure
+from raeg_pl.metrics.perturbation import class_mean_energy, class_structure, classmean_share
 
 __all__ = [
     "PSNR_MAX_DB",
     "ImageQuality",
+    "class_mean_energy",
     "class_structure",
+    "classmean_share",
     "exact_pixel_rate",
     "from_uint8",
     "l2",

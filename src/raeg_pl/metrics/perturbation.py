@@ -12,8 +12,58 @@ and cosines near 0).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from raeg_pl.utils.quantize import from_uint8
+
+
+def class_mean_energy(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Energy of a perturbation set that its class means explain: ``sum_c n_c |m_c|^2``.
+
+    With ``s_c`` the sum of the class's perturbations and ``n_c`` its size, ``n_c |m_c|^2 =
+    |s_c|^2 / n_c``; a class without images contributes nothing. Differentiable.
+
+    Args:
+        sums: (K, D) per-class sums of the flattened perturbations.
+        counts: (K,) images per class.
+
+    Returns:
+        Scalar tensor, same dtype as ``sums``.
+    """
+    return ((sums**2).sum(1) / counts.to(sums.dtype).clamp_min(1)).sum()
+
+
+def classmean_share(
+    perturbation: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Share of a batch perturbation's energy in its class means, differentiably.
+
+    The ``classmean_share`` of :func:`class_structure` for one float batch: 1 for one
+    pattern per class, about ``K / B`` (one over the images per class) for independent
+    noise. Scale-invariant, so as a loss it moves energy from the class means into what
+    varies within a class rather than shrinking the perturbation.
+
+    Args:
+        perturbation: (B, ...) float perturbations (protected minus clean).
+        labels: (B,) int64 class labels in [0, num_classes).
+        num_classes: number of classes K.
+
+    Returns:
+        Scalar tensor in [0, 1] (0 for a zero perturbation), gradients flow to
+        ``perturbation``.
+    """
+    if labels.shape != perturbation.shape[:1]:
+        raise ValueError(
+            f"classmean_share: labels {tuple(labels.shape)} for perturbations "
+            f"{tuple(perturbation.shape)}"
+        )
+    # In float32 at least, also under mixed-precision autocast: the share is a ratio of sums.
+    with torch.autocast(perturbation.device.type, enabled=False):
+        d = perturbation.flatten(1)
+        d = d if d.dtype == torch.float64 else d.float()
+        onehot = F.one_hot(labels.long(), num_classes).to(d.dtype)  # (B, K)
+        explained = class_mean_energy(onehot.T @ d, onehot.sum(0))
+        return explained / (d**2).sum().clamp_min(torch.finfo(d.dtype).tiny)
 
 
 def class_structure(
@@ -83,8 +133,7 @@ def class_structure(
         counts += torch.bincount(y, minlength=k).double()
         unit_sums.index_add_(0, y[nonzero], d[nonzero] / norms[nonzero, None])
         unit_counts += torch.bincount(y[nonzero], minlength=k).double()
-    means = sums / counts.clamp_min(1)[:, None]
-    explained = float((counts * (means**2).sum(1)).sum())
+    explained = float(class_mean_energy(sums, counts))
     share = explained / energy if energy > 0 else float("nan")
 
     # Same class: |sum u|^2 = n + sum over ordered pairs i != j of u_i . u_j.
@@ -101,4 +150,4 @@ def class_structure(
     return {"classmean_share": share, "cos_same_class": cos_same, "cos_diff_class": cos_diff}
 
 
-__all__ = ["class_structure"]
+__all__ = ["class_mean_energy", "class_structure", "classmean_share"]
