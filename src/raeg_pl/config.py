@@ -315,7 +315,7 @@ def validate_grid_config(cfg: dict) -> list[str]:
     import raeg_pl.models.classifier  # noqa: F401 - registers the project's timm models
     from raeg_pl.defenses import get_defense
     from raeg_pl.lit.classifier import ClassifierLitModule
-    from raeg_pl.lit.protector import ProtectorLitModule
+    from raeg_pl.lit.protector import ProtectorLitModule, parse_train_defense
     from raeg_pl.methods import METHODS
 
     problems: list[str] = []
@@ -362,12 +362,15 @@ def validate_grid_config(cfg: dict) -> list[str]:
             parse_pirate_defense(spec)
         except ValueError as e:
             problems.append(f"pirate_defenses: {spec!r}: {e}")
-    specs = [("eval_defenses", d) for d in cfg.get("eval_defenses") or []]
-    specs += [("protector.model.train_defenses", d) for d in protector.get("train_defenses") or []]
-    for where, spec in specs:
+    specs = [("eval_defenses", d, get_defense) for d in cfg.get("eval_defenses") or []]
+    specs += [
+        ("protector.model.train_defenses", d, parse_train_defense)
+        for d in protector.get("train_defenses") or []
+    ]
+    for where, spec, parse in specs:
         try:
             if spec not in ("none", "identity"):
-                get_defense(spec)
+                parse(spec)
         except (ValueError, KeyError) as e:
             problems.append(f"{where}: {spec!r}: {e}")
     return problems

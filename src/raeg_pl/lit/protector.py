@@ -11,21 +11,23 @@ import torch
 import torchvision.utils as vutils
 from torchmetrics.classification import MulticlassAccuracy
 
-from raeg_pl.defenses import DefenseCurriculum, get_defense
+from raeg_pl.defenses import Defense, DefenseCurriculum, get_defense
+from raeg_pl.defenses.pirate import PIRATE_DEFENSES, class_pattern_removal, parse_pirate_defense
 from raeg_pl.losses import (
+    RANGE_LOSSES,
     PSNRController,
     fidelity_loss,
     keep_classifiable_loss,
     label_permutation,
-    out_of_range_penalty,
     psnr,
     quantize_ste,
+    range_penalty,
     recovery_loss,
     targeted_adversarial_loss,
     targeted_labels,
     untargeted_adversarial_loss,
 )
-from raeg_pl.metrics import ImageQuality, from_uint8, to_uint8
+from raeg_pl.metrics import ImageQuality, classmean_share, from_uint8, to_uint8
 from raeg_pl.models.encdec import GENERATORS, create_protector
 
 DEFAULT_TRAIN_DEFENSES = (
@@ -40,6 +42,58 @@ DEFAULT_TRAIN_DEFENSES = (
     "jpeg:q=50",
 )
 DEFAULT_EVAL_DEFENSES = ("identity", "jpeg:q=75", "gray")
+
+
+class LabelledTrainingDefense:
+    """A pirate's label-using defence in the protector's curriculum: class-pattern removal.
+
+    ``classpattern[:sigma=S]`` (the pirate defence of that name, same parameters): the
+    batch's class patterns are estimated from the stored batch and its labels and removed
+    (:func:`~raeg_pl.defenses.pirate.class_pattern_removal`), then stored as 8-bit with
+    straight-through rounding, as the pirate stores its cleaned images.
+
+    Args:
+        spec: a ``classpattern`` pirate-defence spec.
+    """
+
+    is_identity = False
+
+    def __init__(self, spec: str) -> None:
+        self.pirate = parse_pirate_defense(spec)
+        if self.pirate.name != "classpattern":
+            raise ValueError(f"train defence {spec!r}: only classpattern uses the labels")
+
+    def __str__(self) -> str:
+        return self.pirate.spec
+
+    def __repr__(self) -> str:
+        return f"LabelledTrainingDefense({self.pirate.spec!r})"
+
+    def differentiable(
+        self, x: torch.Tensor, labels: torch.Tensor, num_classes: int
+    ) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] and (B,) labels -> the cleaned batch, on the 8-bit grid."""
+        sigma = float(self.pirate.params["sigma"])
+        return quantize_ste(class_pattern_removal(x, labels, num_classes, sigma))
+
+
+def parse_train_defense(spec: str | Defense) -> Defense | LabelledTrainingDefense:
+    """One entry of ``train_defenses``: an image defence spec, or ``classpattern[:sigma=S]``.
+
+    Raises:
+        ValueError: naming the spec, for an unknown defence or a pirate defence the
+            protector cannot simulate (only ``classpattern`` among them).
+    """
+    if isinstance(spec, str):
+        name = spec.partition(":")[0].strip().lower()
+        if PIRATE_DEFENSES.get(name) == "labelled":
+            return LabelledTrainingDefense(spec)
+        if name in PIRATE_DEFENSES:
+            raise ValueError(
+                f"train defence {spec!r}: the pirate defence {name!r} cannot be simulated in "
+                "training; use an image defence or classpattern"
+            )
+    return get_defense(spec)
 
 
 def load_surrogate(path: str | Path) -> torch.nn.Module:
@@ -67,9 +121,13 @@ class ProtectorLitModule(L.LightningModule):
         x_p = G(x);  x_q = Q(x_p)  (straight-through 8-bit storage);  x_r = G^-1(x_q)
         L = l_img * MSE(x_p, x) + l_rec * MSE(x_r, x) + l_adv * L_adv(f(D(x_q)), y)
           + l_keep * CE(f(x_r), y) + l_range * out_of_range(x_p)
+          + l_classmean * share(x_q - x, y)
 
     ``f`` is one member of the frozen surrogate ensemble (members alternate per step), ``D`` a
-    differentiable defence drawn from a curriculum that starts at identity and widens. The
+    differentiable defence drawn from a curriculum that starts at identity and widens (an
+    image defence, or the pirate's class-pattern removal, which also takes the labels);
+    ``share`` is the fraction of the batch perturbation's energy in its class means
+    (:func:`~raeg_pl.metrics.perturbation.classmean_share`). The
     first ``warmup_steps`` train reversibility and fidelity only; ``l_adv`` then ramps up over
     ``adv_ramp_steps`` and drops tenfold for batches whose images are almost all past the cap.
     A PSNR controller steers ``l_img`` toward ``psnr_target``.
@@ -103,7 +161,11 @@ class ProtectorLitModule(L.LightningModule):
         l_rec: recovery weight.
         l_adv: adversarial weight after the ramp.
         l_keep: keep-classifiable weight on recovered images.
-        l_range: out-of-range penalty weight.
+        l_range: weight of the range term on the values before storage.
+        range_loss: its form: ``"quadratic"`` (:func:`~raeg_pl.losses.out_of_range_penalty`)
+            or ``"hinge"`` (:func:`~raeg_pl.losses.range_hinge_penalty`, linear, which keeps
+            what the generator adds on saturated pixels from being clipped by storage).
+        range_margin: the hinge's margin inside [0, 1] (``"hinge"`` only).
         adv_mode: ``"targeted"`` (fixed label derangement) or ``"untargeted"``.
         adv_kind: untargeted loss form, ``"margin"`` or ``"capped_ce"``.
         kappa: cap of the adversarial margin, in logits.
@@ -114,7 +176,13 @@ class ProtectorLitModule(L.LightningModule):
         warmup_steps: steps without the adversarial term.
         adv_ramp_steps: steps over which ``l_adv`` rises from 0 to its value.
         cap_fraction: share of capped images in a batch above which ``l_adv`` is cut tenfold.
-        train_defenses: defence specs of the curriculum, easiest first (empty: none).
+        l_classmean: weight of the class-mean share of the batch perturbation (0: off), a
+            term against one pattern per class, which a pirate holding the labels removes.
+            Counted, like ``l_adv``, only once the adversarial term is on: before, the
+            perturbation is rounding noise.
+        train_defenses: defence specs of the curriculum, easiest first (empty: none): image
+            defence specs (``"jpeg_random:qmin=10,qmax=95"``, ``"gray"``...) and
+            ``"classpattern[:sigma=S]"`` (:class:`LabelledTrainingDefense`).
         defense_full_at: training progress at which the whole curriculum is in use.
         eval_defenses: real defences under which surrogate accuracy is reported.
         explode_threshold: a loss of larger magnitude counts as an explosion.
@@ -140,6 +208,9 @@ class ProtectorLitModule(L.LightningModule):
         l_adv: float = 0.02,
         l_keep: float = 0.001,
         l_range: float = 10.0,
+        range_loss: str = "quadratic",
+        range_margin: float = 0.0,
+        l_classmean: float = 0.0,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -158,6 +229,8 @@ class ProtectorLitModule(L.LightningModule):
         super().__init__()
         if adv_mode not in ("targeted", "untargeted"):
             raise ValueError(f"adv_mode must be 'targeted' or 'untargeted', got {adv_mode!r}")
+        if range_loss not in RANGE_LOSSES:
+            raise ValueError(f"range_loss must be one of {RANGE_LOSSES}, got {range_loss!r}")
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         if not surrogate_checkpoints:
@@ -179,7 +252,11 @@ class ProtectorLitModule(L.LightningModule):
         self.register_buffer(
             "permutation", label_permutation(self.num_classes, target_seed), persistent=True
         )
-        self.curriculum = DefenseCurriculum(train_defenses, full_at=defense_full_at)
+        if l_classmean < 0:
+            raise ValueError(f"l_classmean must be >= 0, got {l_classmean}")
+        self.curriculum = DefenseCurriculum(
+            train_defenses, full_at=defense_full_at, parse=parse_train_defense
+        )
         self.eval_defenses = [get_defense(s) for s in eval_defenses]
         self.controller = PSNRController(
             weight=l_img, target_psnr=psnr_target or 0.0, rate=controller_rate
@@ -254,15 +331,25 @@ class ProtectorLitModule(L.LightningModule):
         recovered = self.protector.inverse(stored, labels)
         l_fid = fidelity_loss(protected, images)
         l_rec = recovery_loss(recovered, images)
-        l_range = out_of_range_penalty(protected)
+        l_range = range_penalty(protected, hp.range_loss, hp.range_margin)
         w_img = self.controller.weight if hp.psnr_target else hp.l_img
         loss = w_img * l_fid + hp.l_rec * l_rec + hp.l_range * l_range
         w_adv = self.adv_weight(step)
+        # Logged always; differentiated only when it is a loss term.
+        penalise = hp.l_classmean > 0 and w_adv > 0
+        with torch.set_grad_enabled(penalise and torch.is_grad_enabled()):
+            share = classmean_share(stored - images, labels, self.num_classes)
+        if penalise:
+            loss = loss + hp.l_classmean * share
         if w_adv > 0:
             surrogate = self._surrogates[step % len(self._surrogates)]
             progress = step / max(1, self.trainer.estimated_stepping_batches)
             defense = self.curriculum.sample(progress)
-            per_image = self._adv_loss(surrogate(defense.differentiable(stored)), labels)
+            if isinstance(defense, LabelledTrainingDefense):
+                attacked = defense.differentiable(stored, labels, self.num_classes)
+            else:
+                attacked = defense.differentiable(stored)
+            per_image = self._adv_loss(surrogate(attacked), labels)
             # Decided on the global batch, so every DDP rank weights the loss alike.
             capped = self._global_mean((per_image <= -hp.kappa + 1e-6).float().mean())
             if capped >= hp.cap_fraction:
@@ -290,6 +377,7 @@ class ProtectorLitModule(L.LightningModule):
                 "train/psnr_protected": measured,
                 "train/w_img": w_img,
                 "train/w_adv": w_adv,
+                "train/classmean_share": share.detach(),
             },
             prog_bar=False,
         )
