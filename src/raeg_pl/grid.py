@@ -69,6 +69,8 @@ class Grid(StageRunner):
         rows: only these rows (and the clean baseline); None for all.
         archs: only these pirate architectures; None for all.
         defenses: only these pirate defences; None for all.
+        authorized: train the authorised classifiers on recovered files (False: a worker
+            of :func:`worker_jobs` whose cells another worker's job holds).
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class Grid(StageRunner):
         rows: list[str] | None = None,
         archs: list[str] | None = None,
         defenses: list[str] | None = None,
+        authorized: bool = True,
     ) -> None:
         super().__init__(cfg, run_dir)
+        self.authorized = authorized
         self.table = str(cfg.get("table") or "grid")
         self.profile = cfg.get("profile")
         self.rows: dict[str, dict] = dict(cfg.get("rows") or {})
@@ -338,9 +342,11 @@ class Grid(StageRunner):
             f"({time.perf_counter() - t0:.1f} s)"
         )
 
-    def run(self) -> dict:
-        """Checks that everything builds, then runs (or resumes) every selected stage."""
-        self.check_builds()
+    def run(self, check: bool = True) -> dict:
+        """Checks that everything builds (unless ``check`` is False: a worker whose parent
+        checked), then runs (or resumes) every selected stage."""
+        if check:
+            self.check_builds()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic_text(
             self.run_dir / "pipeline_config.yaml", yaml.safe_dump(self.cfg, sort_keys=False)
@@ -368,7 +374,7 @@ class Grid(StageRunner):
                     for row in trained:
                         source = "clean" if row == CLEAN else "protected"
                         self.pirate_stage(row, arch, defense, seed, source)
-            for arch in archs:
+            for arch in archs if self.authorized else []:
                 for row in trained:
                     if reversible.get(row) and arch in self.authorized_archs:
                         self.pirate_stage(row, arch, "none", seed, "recovered")
@@ -377,6 +383,91 @@ class Grid(StageRunner):
             f"grid {self.table}: finished in {seconds} s; tables: raeg table --runs {self.run_dir}"
         )
         return {"seconds": seconds}
+
+
+def worker_jobs(grid: Grid) -> list[list[list[str]]]:
+    """The ``raeg grid`` argument lists of a grid run by several worker processes, in phases.
+
+    Jobs of one phase share no stage, so they run at once; a phase starts when the one
+    before it has finished:
+
+    1. the first row's method stage, with the surrogates, the clean export and the held-out
+       classifiers that every later job reads;
+    2. every other row's method stage (and protector), one job per row;
+    3. the pirates, one job per (seed, defence, architecture) over every row, seed-major (a
+       run stopped early leaves whole seeds), the costliest defences of a seed first; the
+       authorised classifiers of a seed go with the jobs of its first defence only;
+    4. the table's whole plan in ``grid.json`` (each job recorded only its own part).
+
+    Each list holds the arguments after ``raeg grid --config FILE [overrides]``, its own
+    overrides first (options take several values); the driver overrides (``seeds``,
+    ``pirate_rows``) change no stage's recipe.
+    """
+    rows = grid._selected(list(grid.rows), grid.only_rows)
+    archs = grid._selected(grid.archs, grid.only_archs)
+    defenses = grid._selected(grid.defenses, grid.only_defenses)
+    if not rows:
+        raise ValueError(f"grid {grid.table}: no rows selected")
+    no_pirates = "pirate_rows=[]"
+    phases = [[[no_pirates, "--rows", rows[0]]]]
+    phases.append([[no_pirates, "--rows", r] for r in rows[1:]])
+
+    def cost(defense: str) -> int:  # training-loop defences cost several plain pirates
+        return 0 if parse_pirate_defense(defense).kind == "training" else 1
+
+    pirates = []
+    for seed in grid.seeds:
+        for defense in sorted(defenses, key=cost):
+            for arch in archs:
+                job = [f"seeds=[{seed}]", "--rows", *rows, "--archs", arch, "--defenses", defense]
+                if defense != defenses[0]:
+                    job.append("--skip-authorized")
+                pirates.append(job)
+    phases.append(pirates)
+    phases.append([["--plan"]])
+    return [p for p in phases if p]
+
+
+def run_workers(
+    config: str, overrides: list[str], run_dir: str | None, grid: Grid, workers: int, say=print
+) -> int:
+    """Runs :func:`worker_jobs` with at most ``workers`` ``raeg grid`` processes at a time.
+
+    Each job's output goes to ``<run_dir>/workers/<n>.log``. A failed job stops the run
+    after its phase (later phases need its stages); its log is named.
+
+    Returns:
+        0 when every job succeeded, else 1.
+    """
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs = grid.run_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "raeg_pl.cli", "grid", "--worker", "--config", config]
+    if run_dir:
+        base += ["--run_dir", run_dir]
+    counter = iter(range(1_000_000))
+
+    def run(job: list[str]) -> tuple[int, Path, list[str]]:
+        log = logs / f"{next(counter):04d}.log"
+        with open(log, "w") as fh:
+            rc = subprocess.run(
+                [*base, *overrides, *job], stdout=fh, stderr=subprocess.STDOUT
+            ).returncode
+        return rc, log, job
+
+    t0 = time.perf_counter()
+    for i, phase in enumerate(worker_jobs(grid), 1):
+        say(f"grid {grid.table}: phase {i}: {len(phase)} job(s), {workers} at a time")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            failed = [(log, job) for rc, log, job in pool.map(run, phase) if rc != 0]
+        for log, job in failed:
+            say(f"grid {grid.table}: job {' '.join(job)} failed; see {log}")
+        if failed:
+            return 1
+    say(f"grid {grid.table}: workers finished in {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 def main(args: list[str]) -> int:
@@ -400,6 +491,19 @@ def main(args: list[str]) -> int:
         "pirate on a tiny input, and exit",
     )
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="run the grid as this many concurrent raeg grid processes (one machine, e.g. "
+        "small pirates sharing one GPU); see worker_jobs",
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--skip-authorized",
+        action="store_true",
+        help="do not train the authorised classifiers on recovered files",
+    )
+    ap.add_argument(
         "--plan",
         action="store_true",
         help="only record this table's plan in the folder's grid.json (what raeg table counts "
@@ -407,7 +511,14 @@ def main(args: list[str]) -> int:
     )
     ns = ap.parse_args(args)
     cfg = load_grid_config(ns.config, ns.overrides)
-    grid = Grid(cfg, ns.run_dir, rows=ns.rows, archs=ns.archs, defenses=ns.defenses)
+    grid = Grid(
+        cfg,
+        ns.run_dir,
+        rows=ns.rows,
+        archs=ns.archs,
+        defenses=ns.defenses,
+        authorized=not ns.skip_authorized,
+    )
     problems = validate_grid_config(cfg)
     if problems:
         print(f"raeg grid: {ns.config}:\n  " + "\n  ".join(problems), flush=True)
@@ -425,8 +536,20 @@ def main(args: list[str]) -> int:
         grid.write_plan()
         print(f"raeg grid: plan of table {grid.table!r} written to {grid.run_dir / 'grid.json'}")
         return 0
+    if ns.workers:
+        try:
+            grid.check_builds()
+        except GridBuildError as e:
+            print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+            return 2
+        rc = run_workers(ns.config, ns.overrides, ns.run_dir, grid, ns.workers)
+        if rc or not ns.tables:
+            return rc
+        from raeg_pl.tables import main as table_main
+
+        return table_main(["--runs", str(grid.run_dir), "--out", ns.tables])
     try:
-        grid.run()
+        grid.run(check=not ns.worker)
     except GridBuildError as e:
         print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
         return 2
@@ -448,5 +571,7 @@ __all__ = [
     "load_grid_config",
     "main",
     "parse_adv_train",
+    "run_workers",
     "validate_grid_config",
+    "worker_jobs",
 ]

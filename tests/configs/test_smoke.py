@@ -14,6 +14,7 @@ one and each method's iteration counts (PGD steps, error-minimising rounds) to o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -74,11 +75,15 @@ def test_every_experiment_folder_is_smoke_tested():
 # autocast works on CPU but is slow on CPUs without bf16 units); one batch in each loop and
 # one optimiser step: `max_steps` caps the per-stage `max_epochs` of every stage, whatever
 # the file sets. Every stage's Trainer takes the `trainer:` section, so no code is involved.
+# RAEG_SMOKE_ACCELERATOR=gpu runs the same steps on one CUDA device in bf16 autocast, the
+# paper files' precision (a check of the CUDA paths on a GPU machine; CI runs on CPUs).
+ACCELERATOR = os.environ.get("RAEG_SMOKE_ACCELERATOR", "cpu")
+PRECISION = "32-true" if ACCELERATOR == "cpu" else "bf16-mixed"
 PIPELINE_TRAINER = [
-    "trainer.accelerator=cpu",
+    f"trainer.accelerator={ACCELERATOR}",
     "trainer.devices=1",
     "trainer.strategy=auto",
-    "trainer.precision=32-true",
+    f"trainer.precision={PRECISION}",
     "trainer.max_steps=1",
     "trainer.limit_train_batches=1",
     "trainer.limit_val_batches=1",
@@ -125,13 +130,13 @@ def fit_args(config: Path, fake_root: Path, cache: Path, run: Path) -> list[str]
         "--config",
         str(config),
         "--trainer.accelerator",
-        "cpu",
+        ACCELERATOR,
         "--trainer.devices",
         "1",
         "--trainer.strategy",
         "auto",
         "--trainer.precision",
-        "32-true",
+        PRECISION,
         "--model.compile",
         "false",
         "--trainer.max_epochs",

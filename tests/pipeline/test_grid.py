@@ -155,3 +155,93 @@ def test_grid_reuses_a_pipeline_run_and_refuses_a_changed_recipe(
     captured = capsys.readouterr()
     assert f"{run / 'protector_raeg'}: this stage was run with another recipe" in captured.err
     assert "spec.model.kappa" in captured.err
+
+
+STANDARD_MAIN = REPO / "experiments" / "main" / "standard.yaml"
+
+
+def test_worker_jobs_cover_every_cell_once_in_phases():
+    from raeg_pl.grid import Grid, load_grid_config, worker_jobs
+
+    cfg = load_grid_config(STANDARD_MAIN)
+    grid = Grid(cfg)
+    phases = worker_jobs(grid)
+    rows = list(cfg["rows"])
+    assert phases[0] == [["pirate_rows=[]", "--rows", rows[0]]]
+    assert phases[1] == [["pirate_rows=[]", "--rows", r] for r in rows[1:]]
+    assert phases[-1] == [["--plan"]]
+    cells, authorised = [], []
+    for job in phases[2]:
+        defense = job[job.index("--defenses") + 1]
+        arch = job[job.index("--archs") + 1]
+        (seed,) = [int(a[len("seeds=[") : -1]) for a in job if a.startswith("seeds=")]
+        assert job[job.index("--rows") + 1 : job.index("--archs")] == rows
+        cells.append((seed, defense, arch))
+        if "--skip-authorized" not in job:
+            authorised.append((seed, arch))
+    expected = {
+        (s, d, a) for s in cfg["seeds"] for d in cfg["pirate_defenses"] for a in cfg["archs"]
+    }
+    assert len(cells) == len(expected) and set(cells) == expected
+    # The authorised classifiers of a seed and architecture go with exactly one job.
+    assert sorted(authorised) == sorted((s, a) for s in cfg["seeds"] for a in cfg["archs"])
+    # Seed-major, and a seed's adversarial-training jobs (the costliest) first.
+    seeds = [c[0] for c in cells]
+    assert seeds == sorted(seeds)
+    first = [c[1] for c in cells if c[0] == cfg["seeds"][0]]
+    assert first[0].startswith("adv_train") and not any(
+        d.startswith("adv_train") for d in first[2:]
+    )
+
+
+def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
+    """``--workers 2`` on fake data: every planned cell and authorised classifier, once."""
+    run = tmp_path / "grid"
+    args = [
+        "grid",
+        "--config",
+        str(STANDARD_MAIN),
+        "--run_dir",
+        str(run),
+        "--workers",
+        "2",
+        f"data.data_dir={fake_data}",
+        "data.dataset=fake",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.download=false",
+        "data.train_per_class=4",
+        "data.val_per_class=1",
+        "data.test_per_class=2",
+        "protector.data.train_per_class=4",
+        "pirate.data.val_per_class=1",
+        "trainer.max_steps=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.precision=32-true",
+        "protector.model.warmup_steps=0",
+        "protector.model.adv_ramp_steps=1",
+        "seeds=[0]",
+        "pirate_defenses=[none, gray]",
+        "wandb=null",
+        "--rows",
+        "raeg_paper",
+        "classwise_noise",
+        "--archs",
+        "resnet",
+    ]
+    assert main(args) == 0, sorted(p.name for p in (run / "workers").glob("*.log"))
+    plan = json.loads((run / "grid.json").read_text())["tables"]["main"]
+    assert plan["seeds"] == [0] and plan["pirate_rows"] == ["clean", *plan["methods"]]
+    for seed in (0,):
+        for defense in ("none", "gray"):
+            for arch in ("resnet",):
+                for row in ("clean", "raeg_paper", "classwise_noise"):
+                    cell = run / "pirates" / row / arch / defense / f"seed{seed}"
+                    assert (cell / "results.json").is_file(), cell
+        authorised = sorted(
+            (p.parts[-4], p.parts[-3]) for p in run.glob(f"pirates/*/*/authorized/seed{seed}")
+        )
+        assert authorised == [("raeg_paper", "resnet")], authorised
+    # Rows outside --rows were not run.
+    assert not (run / "methods" / "poison").exists()
