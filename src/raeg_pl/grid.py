@@ -391,9 +391,9 @@ def worker_jobs(grid: Grid) -> list[list[list[str]]]:
     Jobs of one phase share no stage, so they run at once; a phase starts when the one
     before it has finished:
 
-    1. the first row's method stage, with the surrogates, the clean export and the held-out
-       classifiers that every later job reads;
-    2. every other row's method stage (and protector), one job per row;
+    1. the stages every later job reads: the surrogates, the clean export and the held-out
+       classifiers;
+    2. every row's method stage (and protector), one job per row;
     3. the pirates, one job per (seed, defence, architecture) over every row, seed-major (a
        run stopped early leaves whole seeds), the costliest defences of a seed first; the
        authorised classifiers of a seed go with the jobs of its first defence only;
@@ -409,8 +409,7 @@ def worker_jobs(grid: Grid) -> list[list[list[str]]]:
     if not rows:
         raise ValueError(f"grid {grid.table}: no rows selected")
     no_pirates = "pirate_rows=[]"
-    phases = [[[no_pirates, "--rows", rows[0]]]]
-    phases.append([[no_pirates, "--rows", r] for r in rows[1:]])
+    phases = [[[no_pirates, "--shared-only"]], [[no_pirates, "--rows", r] for r in rows]]
 
     def cost(defense: str) -> int:  # training-loop defences cost several plain pirates
         return 0 if parse_pirate_defense(defense).kind == "training" else 1
@@ -499,6 +498,11 @@ def main(args: list[str]) -> int:
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
+        "--shared-only",
+        action="store_true",
+        help="only the stages every row shares: surrogates, clean export, held-out classifiers",
+    )
+    ap.add_argument(
         "--skip-authorized",
         action="store_true",
         help="do not train the authorised classifiers on recovered files",
@@ -514,7 +518,7 @@ def main(args: list[str]) -> int:
     grid = Grid(
         cfg,
         ns.run_dir,
-        rows=ns.rows,
+        rows=[] if ns.shared_only else ns.rows,
         archs=ns.archs,
         defenses=ns.defenses,
         authorized=not ns.skip_authorized,

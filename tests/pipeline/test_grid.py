@@ -167,8 +167,8 @@ def test_worker_jobs_cover_every_cell_once_in_phases():
     grid = Grid(cfg)
     phases = worker_jobs(grid)
     rows = list(cfg["rows"])
-    assert phases[0] == [["pirate_rows=[]", "--rows", rows[0]]]
-    assert phases[1] == [["pirate_rows=[]", "--rows", r] for r in rows[1:]]
+    assert phases[0] == [["pirate_rows=[]", "--shared-only"]]
+    assert phases[1] == [["pirate_rows=[]", "--rows", r] for r in rows]
     assert phases[-1] == [["--plan"]]
     cells, authorised = [], []
     for job in phases[2]:
