@@ -10,14 +10,18 @@ from raeg_pl.losses.adversarial import (
 )
 from raeg_pl.losses.controller import PSNRController
 from raeg_pl.losses.fidelity import (
+    RANGE_LOSSES,
     fidelity_loss,
     out_of_range_penalty,
     psnr,
     quantize_ste,
+    range_hinge_penalty,
+    range_penalty,
     recovery_loss,
 )
 
 __all__ = [
+    "RANGE_LOSSES",
     "PSNRController",
     "class_margin",
     "fidelity_loss",
@@ -26,6 +30,8 @@ __all__ = [
     "out_of_range_penalty",
     "psnr",
     "quantize_ste",
+    "range_hinge_penalty",
+    "range_penalty",
     "recovery_loss",
     "targeted_adversarial_loss",
     "targeted_labels",

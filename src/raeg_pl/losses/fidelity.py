@@ -15,12 +15,18 @@ import torch.nn.functional as F
 from raeg_pl.utils.quantize import quantize_ste
 
 __all__ = [
+    "RANGE_LOSSES",
     "fidelity_loss",
     "out_of_range_penalty",
     "psnr",
     "quantize_ste",
+    "range_hinge_penalty",
+    "range_penalty",
     "recovery_loss",
 ]
+
+#: Forms of the protector's range term: :func:`out_of_range_penalty` and :func:`range_hinge_penalty`.
+RANGE_LOSSES = ("quadratic", "hinge")
 
 
 def fidelity_loss(protected: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,50 @@ def out_of_range_penalty(x: torch.Tensor) -> torch.Tensor:
         Scalar, zero exactly when every value lies in [0, 1].
     """
     return (F.relu(x - 1.0).square() + F.relu(-x).square()).mean()
+
+
+def range_hinge_penalty(x: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Linear hinge on values outside ``[margin, 1 - margin]``: ``mean(relu(margin - x) + relu(x - 1 + margin))``.
+
+    Unlike :func:`out_of_range_penalty`, whose quadratic cost of a 4-level excursion below 0
+    (``(4/255)**2``, averaged over every pixel) is negligible beside the adversarial term,
+    the hinge's gradient is the same for every value out of range however small the
+    excursion (at weight 10, 130 times the quadratic's at one level out), so it keeps what
+    the protector adds on saturated regions (black backgrounds, blown highlights) from being
+    clipped away by 8-bit storage, where the inverse cannot recover it.
+
+    Args:
+        x: float values before storage of any shape, nominally in [0, 1].
+        margin: how far inside [0, 1] the hinge starts (``1/255`` is one 8-bit level); 0
+            leaves the whole range free, negative values tolerate excursions that rounding
+            still maps onto the range (``-0.5/255``).
+
+    Returns:
+        Scalar, zero exactly when every value lies in ``[margin, 1 - margin]``.
+    """
+    if not -0.5 < margin < 0.5:
+        raise ValueError(f"margin must lie in (-0.5, 0.5), got {margin}")
+    excess = F.relu(margin - x) + F.relu(x - (1.0 - margin))
+    return excess.mean()
+
+
+def range_penalty(x: torch.Tensor, kind: str = "quadratic", margin: float = 0.0) -> torch.Tensor:
+    """The protector's range term of the given kind (one of :data:`RANGE_LOSSES`).
+
+    Args:
+        x: (B, C, H, W) float values before storage.
+        kind: ``"quadratic"`` (:func:`out_of_range_penalty`, ``margin`` unused) or
+            ``"hinge"`` (:func:`range_hinge_penalty`).
+        margin: the hinge's margin.
+
+    Returns:
+        Scalar penalty.
+    """
+    if kind == "quadratic":
+        return out_of_range_penalty(x)
+    if kind == "hinge":
+        return range_hinge_penalty(x, margin)
+    raise ValueError(f"range loss must be one of {RANGE_LOSSES}, got {kind!r}")
 
 
 def psnr(
