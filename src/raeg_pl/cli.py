@@ -53,6 +53,10 @@ Protecting real image folders (`raeg <command> --help` lists every option):
              [--device cpu] [--batch-size N]
   restore    raeg restore --key K --input OUT --output REC [--sidecar DIR]
   verify     raeg verify --input DIR   (a protected or restored folder vs its manifest)
+
+Data:
+  data       write a bundled dataset as an ImageFolder into the cache (no download):
+             raeg data digits [--out DIR] [--seed 0] [--test-fraction 0.2] [--size 32]
 """
 
 
@@ -77,6 +81,10 @@ def main(args: list[str] | None = None) -> int:
         from raeg_pl.tables import main as table_main
 
         return table_main(argv[1:])
+    if argv[0] == "data":
+        from raeg_pl.data.digits import main as data_main
+
+        return data_main(argv[1:])
     if argv[0] in ("export-key", "protect", "restore", "verify"):
         from raeg_pl.io.commands import main as io_main
 

@@ -343,7 +343,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
     under DDP each rank loads ``batch_size // world_size``.
 
     Args:
-        dataset: ``"cifar10"`` or the name of an ImageFolder dataset directory under the root.
+        dataset: ``"cifar10"`` or the name of an ImageFolder dataset directory under the root;
+            ``"digits"``, when no root holds it, is scikit-learn's handwritten digits built
+            into ``<cache_dir>/datasets/digits`` (:mod:`raeg_pl.data.digits`).
         data_dir: data root; default ``$RAEG_DATA_DIR``, else ``./data``.
         cache_dir: decoded-tensor cache; default ``$RAEG_CACHE_DIR`` or the user cache folder.
         batch_size: global training batch size.
@@ -462,6 +464,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 return self._located
             except Exception as e:  # noqa: BLE001 - reported together with the places tried
                 tried.append(f"torchvision download into {target} failed: {e}")
+        if self.dataset == "digits":
+            # Generated offline from scikit-learn into the cache, never into the data root.
+            from raeg_pl.data.digits import write_digits_imagefolder
+
+            built = write_digits_imagefolder(self.cache_dir / "datasets" / "digits")
+            self._located = _Located(built / "train", built / "test", None)
+            return self._located
         raise DatasetError(
             f"dataset {self.dataset!r} not found under data root {self.root} "
             f"(set data_dir or ${DATA_DIR_ENV}). Looked for:\n  " + "\n  ".join(tried)
