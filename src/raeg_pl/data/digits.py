@@ -23,8 +23,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from raeg_pl.data.cache import DatasetError, default_cache_dir
+from raeg_pl.utils.quantize import to_uint8
 
 __all__ = [
     "DIGITS_MARKER",
@@ -55,7 +57,7 @@ def digits_arrays(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
             (8 keeps them as they are).
 
     Returns:
-        ``(images, labels)``: (1797, size, size) uint8 in [0, 255] and (1797,) int64 in [0, 9].
+        ``(images, labels)``: (1797, size, size) uint8 in [0, 255] (levels ``round(v * 255 / 16)``) and (1797,) int64 in [0, 9].
     """
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -63,8 +65,8 @@ def digits_arrays(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     if size < 8:
         raise ValueError(f"size must be at least 8, got {size}")
     bunch = load_digits()
-    # The scans hold 0..16; 16 maps to 255.
-    small = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    # The scans hold 0..16; 16 maps to 255 (8 to 127.5, rounded half to even: 128).
+    small = to_uint8(torch.from_numpy(bunch.images / 16.0)).numpy()
     if size == 8:
         images = small
     else:
