@@ -651,7 +651,7 @@ class DefenseCurriculum:
                 torch's global RNG (seeded by ``torch.manual_seed`` / Lightning's seed_everything).
 
         Returns:
-            The chosen Defense.
+            The chosen defence (a Defense, or what the curriculum's ``parse`` made).
         """
         choices = self.available(progress)
         n = len(choices)
