@@ -527,11 +527,18 @@ def main(args: list[str]) -> int:
     if problems:
         print(f"raeg grid: {ns.config}:\n  " + "\n  ".join(problems), flush=True)
         return 2
-    if ns.check:
+
+    def builds() -> bool:
+        """The build check, its failure printed."""
         try:
             grid.check_builds()
         except GridBuildError as e:
             print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+            return False
+        return True
+
+    if ns.check:
+        if not builds():
             return 2
         print(f"raeg grid: {ns.config}: valid ({len(grid.plan()['rows'])} rows)", flush=True)
         return 0
@@ -541,10 +548,7 @@ def main(args: list[str]) -> int:
         print(f"raeg grid: plan of table {grid.table!r} written to {grid.run_dir / 'grid.json'}")
         return 0
     if ns.workers:
-        try:
-            grid.check_builds()
-        except GridBuildError as e:
-            print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+        if not builds():
             return 2
         rc = run_workers(ns.config, ns.overrides, ns.run_dir, grid, ns.workers)
         if rc or not ns.tables:
