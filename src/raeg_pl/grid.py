@@ -30,6 +30,7 @@ built stops the grid at once, named with its error. ``raeg grid --check`` does o
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ from raeg_pl.stages.surrogate import run_surrogates
 from raeg_pl.utils.files import write_atomic_text
 
 CLEAN = "clean"
+# A command-line override: `key.path=value` (no ':' before the '=').
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
 class Grid(StageRunner):
@@ -514,6 +517,14 @@ def main(args: list[str]) -> int:
         "as planned) and exit; e.g. after jobs that ran parts of it with overrides",
     )
     ns = ap.parse_args(args)
+    # `--defenses none gray seeds=[0]`: the options take several values, so overrides after
+    # them land in their lists. An override (`key.path=value`) has no ':' before its '=',
+    # unlike a defence spec (`jpeg:q=10`), and names of rows and archs have no '='.
+    for key in ("rows", "archs", "defenses"):
+        values = getattr(ns, key)
+        if values:
+            setattr(ns, key, [v for v in values if not OVERRIDE_RE.match(v)])
+            ns.overrides += [v for v in values if OVERRIDE_RE.match(v)]
     cfg = load_grid_config(ns.config, ns.overrides)
     grid = Grid(
         cfg,

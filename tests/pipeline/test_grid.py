@@ -245,3 +245,13 @@ def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
         assert authorised == [("raeg_paper", "resnet")], authorised
     # Rows outside --rows were not run.
     assert not (run / "methods" / "poison").exists()
+
+
+def test_overrides_after_list_options_are_overrides(tmp_path, capsys):
+    """`--defenses none seeds=[1]`: the override is not read as a defence."""
+    run = tmp_path / "grid"
+    args = ["grid", "--config", str(STANDARD_MAIN), "--run_dir", str(run), "--plan"]
+    args += ["--rows", "poison", "--defenses", "none", "jpeg:q=10", "seeds=[1]", "archs=[vit]"]
+    assert main(args) == 0
+    plan = json.loads((run / "grid.json").read_text())["tables"]["main"]
+    assert plan["seeds"] == [1] and plan["archs"] == ["vit"]
