@@ -103,9 +103,10 @@ def test_plan_flag_records_each_tables_plan_without_running(tmp_path, capsys):
         assert main(["grid", "--config", str(config), "--run_dir", str(run), "--plan"]) == 0
     plan = json.loads((run / "grid.json").read_text())
     assert set(plan["tables"]) == {"main", "robustness"}
-    assert plan["tables"]["main"]["seeds"] == [0, 1] and plan["tables"]["robustness"]["seeds"] == [
-        0
-    ]
+    for table in ("main", "robustness"):
+        cfg = load_grid_config(REPO / "experiments" / table / "quick.yaml")
+        assert plan["tables"][table]["seeds"] == cfg["seeds"], table
+    assert plan["seeds"] == [0, 1, 2]  # the union: three seeds for every quick table's cells
     assert "adv_train:eps=6,steps=2" in plan["defenses"]  # the union of both tables
     assert sorted(p.name for p in run.iterdir()) == ["grid.json"]  # nothing else ran
     assert "plan of table 'robustness' written" in capsys.readouterr().out
