@@ -204,8 +204,9 @@ def test_fit_file_runs_one_step(config, fake_data, smoke_cache, tmp_path):
 def test_pipeline_file_runs_one_step_per_stage(config, fake_data, smoke_cache, tmp_path):
     run = tmp_path / "run"
     args = ["pipeline", "--config", str(config), "--run_dir", str(run)]
-    assert main([*args, *pipeline_overrides(fake_data, smoke_cache)]) == 0
     cfg = load_pipeline_config(config)
+    overrides = [*pipeline_overrides(fake_data, smoke_cache), *protector_overrides(cfg)]
+    assert main([*args, *overrides]) == 0
     res = _results(run / "results.json")
     assert set(res["pirate_acc_by_defense"]) == set(cfg["pirate_defenses"])
     assert res["splits"]["protected_train"] == 6 and res["splits"]["test"] == 3
@@ -216,6 +217,13 @@ def test_pipeline_file_runs_one_step_per_stage(config, fake_data, smoke_cache, t
         assert _results(run / stage / "results.json"), stage
     assert (run / "report.md").is_file()
     shutil.rmtree(run)  # checkpoints of paper-sized networks: do not keep them around
+
+
+def protector_overrides(cfg: dict) -> list[str]:
+    """The protector's own images per class (the standard profile fits it on a subset), cut
+    to the fake data's count."""
+    protector_data = (cfg.get("protector") or {}).get("data") or {}
+    return ["protector.data.train_per_class=2"] if "train_per_class" in protector_data else []
 
 
 # Iteration counts of the protection methods (PGD steps, error-minimising rounds...): one each.
@@ -274,6 +282,7 @@ def test_grid_file_runs_every_row_arch_and_defence(config, fake_data, smoke_cach
     """
     overrides = [*pipeline_overrides(fake_data, smoke_cache), *GRID_EXTRA]
     overrides += method_overrides(load_grid_config(config, overrides))
+    overrides += protector_overrides(load_grid_config(config, overrides))
     overrides += defence_overrides(load_grid_config(config, overrides))
     cfg = load_grid_config(config, overrides)
     run = grid_root / cfg["run_dir"]
