@@ -449,10 +449,9 @@ def run_workers(
     base = [sys.executable, "-m", "raeg_pl.cli", "grid", "--worker", "--config", config]
     if run_dir:
         base += ["--run_dir", run_dir]
-    counter = iter(range(1_000_000))
 
-    def run(job: list[str]) -> tuple[int, Path, list[str]]:
-        log = logs / f"{next(counter):04d}.log"
+    def run(number: int, job: list[str]) -> tuple[int, Path, list[str]]:
+        log = logs / f"{number:04d}.log"
         with open(log, "w") as fh:
             rc = subprocess.run(
                 [*base, *overrides, *job], stdout=fh, stderr=subprocess.STDOUT
@@ -460,10 +459,13 @@ def run_workers(
         return rc, log, job
 
     t0 = time.perf_counter()
+    first = 0  # the number of a phase's first job (its log's name)
     for i, phase in enumerate(worker_jobs(grid), 1):
         say(f"grid {grid.table}: phase {i}: {len(phase)} job(s), {workers} at a time")
+        numbers = range(first, first + len(phase))
+        first += len(phase)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            failed = [(log, job) for rc, log, job in pool.map(run, phase) if rc != 0]
+            failed = [(log, job) for rc, log, job in pool.map(run, numbers, phase) if rc != 0]
         for log, job in failed:
             say(f"grid {grid.table}: job {' '.join(job)} failed; see {log}")
         if failed:
@@ -562,24 +564,21 @@ def main(args: list[str]) -> int:
         if not builds():
             return 2
         rc = run_workers(ns.config, ns.overrides, ns.run_dir, grid, ns.workers)
-        if rc or not ns.tables:
-            return rc
-        from raeg_pl.tables import main as table_main
+    else:
+        try:
+            grid.run(check=not ns.worker)
+        except GridBuildError as e:
+            print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
+            return 2
+        except StageRecipeError as e:
+            print(f"raeg grid: {e}", file=sys.stderr, flush=True)
+            return 2
+        rc = 0
+    if rc or not ns.tables:
+        return rc
+    from raeg_pl.tables import main as table_main
 
-        return table_main(["--runs", str(grid.run_dir), "--out", ns.tables])
-    try:
-        grid.run(check=not ns.worker)
-    except GridBuildError as e:
-        print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
-        return 2
-    except StageRecipeError as e:
-        print(f"raeg grid: {e}", file=sys.stderr, flush=True)
-        return 2
-    if ns.tables:
-        from raeg_pl.tables import main as table_main
-
-        return table_main(["--runs", str(grid.run_dir), "--out", ns.tables])
-    return 0
+    return table_main(["--runs", str(grid.run_dir), "--out", ns.tables])
 
 
 __all__ = [

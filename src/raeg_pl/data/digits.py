@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from raeg_pl.data.cache import DatasetError, default_cache_dir
+from raeg_pl.io.writer import encode_png
 from raeg_pl.utils.quantize import to_uint8
 
 __all__ = [
@@ -150,14 +151,12 @@ def write_digits_imagefolder(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        from PIL import Image
-
         counts = {"train": 0, "test": 0}
         for i, (img, y, test) in enumerate(zip(images, labels, is_test)):
             split = "test" if test else "train"
             folder = tmp / split / str(int(y))
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+            (folder / f"{i:04d}.png").write_bytes(encode_png(img[None]))
             counts[split] += 1
         marker = {**settings, "source": "sklearn.datasets.load_digits", "counts": counts}
         (tmp / DIGITS_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
