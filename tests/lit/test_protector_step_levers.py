@@ -143,3 +143,39 @@ def test_fit_with_all_levers_on_runs_and_logs_the_share(surrogate, tmp_path):
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
     assert 0 < float(metrics["train/classmean_share"]) <= 1
+
+
+def test_jpegkeep_penalty_adds_its_weighted_complement_and_nothing_when_off(surrogate):
+    images, labels = batch()
+    identity = module(surrogate).curriculum.identity
+    on, logged = bare_step(module(surrogate, l_jpegkeep=0.5), images, labels, identity)
+    off, logged_off = bare_step(module(surrogate), images, labels, identity)
+    kept = float(logged["train/jpeg_kept_share"])
+    assert 0 < kept < 1 and kept == pytest.approx(float(logged_off["train/jpeg_kept_share"]))
+    assert float(on.detach()) - float(off.detach()) == pytest.approx(0.5 * (1 - kept), rel=1e-4)
+    # Another quality weighs the frequencies with other tables.
+    _, logged_90 = bare_step(
+        module(surrogate, l_jpegkeep=0.5, jpegkeep_quality=90), images, labels, identity
+    )
+    assert float(logged_90["train/jpeg_kept_share"]) != pytest.approx(kept)
+
+
+def test_jpegkeep_penalty_gradient_reaches_the_protector(surrogate):
+    images, labels = batch()
+    identity = module(surrogate).curriculum.identity
+    grads = []
+    for weight in (0.0, 1.0):
+        model = module(surrogate, l_jpegkeep=weight)
+        loss, _ = bare_step(model, images, labels, identity)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.protector.parameters()]))
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"l_jpegkeep": -1.0}, "l_jpegkeep"), ({"jpegkeep_quality": 0}, "jpegkeep_quality")],
+)
+def test_bad_jpegkeep_settings_are_refused(surrogate, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        module(surrogate, **kwargs)

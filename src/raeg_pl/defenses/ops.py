@@ -51,6 +51,7 @@ __all__ = [
     "identity",
     "identity_real",
     "jpeg_differentiable",
+    "jpeg_kept_share",
     "jpeg_quant_tables",
     "jpeg_random_real",
     "jpeg_real",
@@ -220,6 +221,66 @@ def _dct_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     norm = torch.where(n == 0, math.sqrt(1 / 8), math.sqrt(2 / 8))
     d = norm[:, None] * torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16)
     return d.to(device=device, dtype=dtype)
+
+
+def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tensor:
+    """Share of a perturbation's energy that JPEG at ``quality`` keeps, differentiably.
+
+    JPEG quantises each 8x8 DCT coefficient of the luma plane and of the 2x2-averaged chroma
+    planes with a step ``Q`` from the IJG tables; a small change of a coefficient survives in
+    expectation but under rounding noise that grows with ``Q``, so what survives JPEG-10 is
+    the luma's low frequencies (steps 50-80 levels), not the high ones (255) nor the chroma
+    detail that the averaging removes. The share weighs each coefficient's energy by
+    ``(Q_min / Q)^2`` (chroma after 2x2 averaging, scaled back to full resolution)::
+
+        S = Q_min^2 (sum (c_Y / Q_Y)^2 + 4 sum (c_C / Q_C)^2) / (sum c_Y^2 + sum c_Cb^2 + sum c_Cr^2)
+
+    over the YCbCr planes (BT.601, without offsets) of the perturbation, with ``c_C`` the
+    coefficients of the averaged chroma planes. ``S`` lies in [0, 1]: 1 for energy in the
+    luma coefficients with the smallest step only; independent noise scores about 0.1 at
+    quality 10. Scale-invariant, so as a loss it moves energy between frequencies and
+    colours, not the perturbation's size (which the PSNR target sets).
+
+    Args:
+        perturbation: (B, C, H, W) float perturbations (protected minus clean), C in {1, 3};
+            any scale. Sides need not be multiples of 8 or 16 (zero padding adds no energy).
+        quality: the JPEG quality whose tables weigh the coefficients, in [1, 100].
+
+    Returns:
+        Scalar tensor in [0, 1] (0 for a zero perturbation), differentiable.
+    """
+    _check_quality(quality)
+    if perturbation.dim() != 4 or perturbation.shape[1] not in (1, 3):
+        raise ValueError(
+            f"jpeg_kept_share: needs (B, 1 or 3, H, W) perturbations, got "
+            f"{tuple(perturbation.shape)}"
+        )
+    with torch.autocast(perturbation.device.type, enabled=False):
+        d = perturbation.float() if perturbation.dtype != torch.float64 else perturbation
+        h, w = d.shape[-2:]
+        d = F.pad(d, (0, (-w) % 16, 0, (-h) % 16))
+        qt_y, qt_c = jpeg_quant_tables(quality, d.device, d.dtype)
+        dct = _dct_matrix(d.device, d.dtype)
+
+        def weighted(plane: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+            b, ph, pw = plane.shape
+            blocks = plane.reshape(b, ph // 8, 8, pw // 8, 8).permute(0, 1, 3, 2, 4)
+            return ((dct @ blocks @ dct.T) / qt).pow(2).sum()
+
+        if d.shape[1] == 1:
+            y, total = d[:, 0], d.pow(2).sum()
+            kept = weighted(y, qt_y)
+        else:
+            r, g, b = d[:, 0], d[:, 1], d[:, 2]
+            y = 0.299 * r + 0.587 * g + 0.114 * b
+            cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b
+            cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b
+            total = y.pow(2).sum() + cb.pow(2).sum() + cr.pow(2).sum()
+            pooled = F.avg_pool2d(torch.stack((cb, cr), 1), 2).flatten(0, 1)
+            pooled = F.pad(pooled, (0, (-pooled.shape[-1]) % 8, 0, (-pooled.shape[-2]) % 8))
+            kept = weighted(y, qt_y) + 4 * weighted(pooled, qt_c)
+        q_min = torch.minimum(qt_y.min(), qt_c.min())
+        return kept * q_min**2 / total.clamp_min(torch.finfo(d.dtype).tiny)
 
 
 def _code_plane(plane: torch.Tensor, qt: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torchvision.utils as vutils
 from torchmetrics.classification import MulticlassAccuracy
 
 from raeg_pl.defenses import Defense, DefenseCurriculum, get_defense
+from raeg_pl.defenses.ops import jpeg_kept_share
 from raeg_pl.defenses.pirate import PIRATE_DEFENSES, class_pattern_removal, parse_pirate_defense
 from raeg_pl.losses import (
     RANGE_LOSSES,
@@ -121,13 +122,15 @@ class ProtectorLitModule(L.LightningModule):
         x_p = G(x);  x_q = Q(x_p)  (straight-through 8-bit storage);  x_r = G^-1(x_q)
         L = l_img * MSE(x_p, x) + l_rec * MSE(x_r, x) + l_adv * L_adv(f(D(x_q)), y)
           + l_keep * CE(f(x_r), y) + l_range * out_of_range(x_p)
-          + l_classmean * share(x_q - x, y)
+          + l_classmean * share(x_q - x, y) + l_jpegkeep * (1 - kept_q(x_q - x))
 
     ``f`` is one member of the frozen surrogate ensemble (members alternate per step), ``D`` a
     differentiable defence drawn from a curriculum that starts at identity and widens (an
     image defence, or the pirate's class-pattern removal, which also takes the labels);
     ``share`` is the fraction of the batch perturbation's energy in its class means
-    (:func:`~raeg_pl.metrics.perturbation.classmean_share`). The
+    (:func:`~raeg_pl.metrics.perturbation.classmean_share`); ``kept_q`` the share of its
+    energy that JPEG at quality ``q`` keeps (:func:`~raeg_pl.defenses.ops.jpeg_kept_share`:
+    luma at low frequencies). The
     first ``warmup_steps`` train reversibility and fidelity only; ``l_adv`` then ramps up over
     ``adv_ramp_steps`` and drops tenfold for batches whose images are almost all past the cap.
     A PSNR controller steers ``l_img`` toward ``psnr_target``.
@@ -180,6 +183,12 @@ class ProtectorLitModule(L.LightningModule):
             term against one pattern per class, which a pirate holding the labels removes.
             Counted, like ``l_adv``, only once the adversarial term is on: before, the
             perturbation is rounding noise.
+        l_jpegkeep: weight of the share of the batch perturbation's energy that JPEG at
+            ``jpegkeep_quality`` would remove (0: off): moves the perturbation's energy
+            toward what a pirate's JPEG keeps, at the same PSNR. Counted, like
+            ``l_classmean``, once the adversarial term is on.
+        jpegkeep_quality: the JPEG quality whose quantisation tables weigh the frequencies
+            (the quick robustness grid's worst case is JPEG-10).
         train_defenses: defence specs of the curriculum, easiest first (empty: none): image
             defence specs (``"jpeg_random:qmin=10,qmax=95"``, ``"gray"``...) and
             ``"classpattern[:sigma=S]"`` (:class:`LabelledTrainingDefense`).
@@ -211,6 +220,8 @@ class ProtectorLitModule(L.LightningModule):
         range_loss: str = "quadratic",
         range_margin: float = 0.0,
         l_classmean: float = 0.0,
+        l_jpegkeep: float = 0.0,
+        jpegkeep_quality: int = 10,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -254,6 +265,10 @@ class ProtectorLitModule(L.LightningModule):
         )
         if l_classmean < 0:
             raise ValueError(f"l_classmean must be >= 0, got {l_classmean}")
+        if l_jpegkeep < 0:
+            raise ValueError(f"l_jpegkeep must be >= 0, got {l_jpegkeep}")
+        if not 1 <= jpegkeep_quality <= 100:
+            raise ValueError(f"jpegkeep_quality must be in [1, 100], got {jpegkeep_quality}")
         self.curriculum = DefenseCurriculum(
             train_defenses, full_at=defense_full_at, parse=parse_train_defense
         )
@@ -341,6 +356,11 @@ class ProtectorLitModule(L.LightningModule):
             share = classmean_share(stored - images, labels, self.num_classes)
         if penalise:
             loss = loss + hp.l_classmean * share
+        penalise_kept = hp.l_jpegkeep > 0 and w_adv > 0
+        with torch.set_grad_enabled(penalise_kept and torch.is_grad_enabled()):
+            kept = jpeg_kept_share(stored - images, hp.jpegkeep_quality)
+        if penalise_kept:
+            loss = loss + hp.l_jpegkeep * (1 - kept)
         if w_adv > 0:
             surrogate = self._surrogates[step % len(self._surrogates)]
             progress = step / max(1, self.trainer.estimated_stepping_batches)
@@ -378,6 +398,7 @@ class ProtectorLitModule(L.LightningModule):
                 "train/w_img": w_img,
                 "train/w_adv": w_adv,
                 "train/classmean_share": share.detach(),
+                "train/jpeg_kept_share": kept.detach(),
             },
             prog_bar=False,
         )
