@@ -31,7 +31,7 @@ TINY = [
     "protector.model.adv_ramp_steps=2",
     "pirate.max_epochs=1",
     "pirate.data.val_per_class=2",
-    "archs=[resnet, vit]",
+    "archs=[resnet]",
     "heldout=[vit]",
     "seeds=[0, 1]",
     "pirate_defenses=[none]",
@@ -63,7 +63,7 @@ def test_grid_runs_every_cell_resumes_and_builds_tables(data_root, cache_dir, tm
 
     # Every cell of the plan has its result file, with its place in the grid recorded.
     for row in plan["rows"]:
-        for arch in ("resnet", "vit"):
+        for arch in ("resnet",):
             for seed in (0, 1):
                 res = json.loads(
                     (
@@ -110,7 +110,7 @@ def test_grid_runs_every_cell_resumes_and_builds_tables(data_root, cache_dir, tm
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "running" not in out and out.count("done before, skipped") >= 2 * 6 * 2 + 4 + 5 + 1
+    assert "running" not in out and out.count("done before, skipped") >= 6 * 2 + 4 + 5 + 1
 
     # Tables from the result files alone: every planned cell of the main table is filled.
     # The runs record the commit of the tree the tests run in, dirty while it is edited.
