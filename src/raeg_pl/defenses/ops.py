@@ -223,6 +223,31 @@ def _dct_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return d.to(device=device, dtype=dtype)
 
 
+def _ycbcr(
+    r: torch.Tensor, g: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BT.601 full-range ``(Y, Cb, Cr)`` of RGB planes, without the chroma offset of 128."""
+    wr, wg, wb = LUMA_WEIGHTS
+    return (
+        wr * r + wg * g + wb * b,
+        -0.168735892 * r - 0.331264108 * g + 0.5 * b,
+        0.5 * r - 0.418687589 * g - 0.081312411 * b,
+    )
+
+
+def _block_dct(planes: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) planes, sides multiples of 8 -> (B, H/8, W/8, 8, 8) DCT coefficients."""
+    b, h, w = planes.shape
+    blocks = planes.reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    return dct @ blocks @ dct.T
+
+
+def _block_idct(coef: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_block_dct`: (B, H/8, W/8, 8, 8) coefficients -> (B, H, W) planes."""
+    b, bh, bw = coef.shape[:3]
+    return (dct.T @ coef @ dct).permute(0, 1, 3, 2, 4).reshape(b, bh * 8, bw * 8)
+
+
 def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tensor:
     """Share of a perturbation's energy that JPEG at ``quality`` keeps, differentiably.
 
@@ -263,18 +288,13 @@ def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tens
         dct = _dct_matrix(d.device, d.dtype)
 
         def weighted(plane: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
-            b, ph, pw = plane.shape
-            blocks = plane.reshape(b, ph // 8, 8, pw // 8, 8).permute(0, 1, 3, 2, 4)
-            return ((dct @ blocks @ dct.T) / qt).pow(2).sum()
+            return (_block_dct(plane, dct) / qt).pow(2).sum()
 
         if d.shape[1] == 1:
             y, total = d[:, 0], d.pow(2).sum()
             kept = weighted(y, qt_y)
         else:
-            r, g, b = d[:, 0], d[:, 1], d[:, 2]
-            y = 0.299 * r + 0.587 * g + 0.114 * b
-            cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b
-            cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b
+            y, cb, cr = _ycbcr(d[:, 0], d[:, 1], d[:, 2])
             total = y.pow(2).sum() + cb.pow(2).sum() + cr.pow(2).sum()
             pooled = F.avg_pool2d(torch.stack((cb, cr), 1), 2).flatten(0, 1)
             pooled = F.pad(pooled, (0, (-pooled.shape[-1]) % 8, 0, (-pooled.shape[-2]) % 8))
@@ -285,13 +305,8 @@ def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tens
 
 def _code_plane(plane: torch.Tensor, qt: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
     """Level shift, 8x8 DCT, quantise (straight-through), dequantise, IDCT, round and clamp."""
-    b, h, w = plane.shape
-    blocks = (plane - 128.0).reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
-    coef = dct @ blocks @ dct.T
-    coef = round_ste(coef / qt) * qt
-    blocks = dct.T @ coef @ dct
-    out = blocks.permute(0, 1, 3, 2, 4).reshape(b, h, w) + 128.0
-    return round_ste(out).clamp(0.0, 255.0)
+    coef = round_ste(_block_dct(plane - 128.0, dct) / qt) * qt
+    return round_ste(_block_idct(coef, dct) + 128.0).clamp(0.0, 255.0)
 
 
 def jpeg_ste(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -321,10 +336,8 @@ def jpeg_ste(x: torch.Tensor, quality: int) -> torch.Tensor:
     ph, pw = (-h) % 16, (-w) % 16
     if ph or pw:
         rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
-    r, g, bl = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-    y = round_ste(0.299 * r + 0.587 * g + 0.114 * bl)
-    cb = round_ste(-0.168735892 * r - 0.331264108 * g + 0.5 * bl + 128.0)
-    cr = round_ste(0.5 * r - 0.418687589 * g - 0.081312411 * bl + 128.0)
+    y, cb, cr = _ycbcr(rgb[:, 0], rgb[:, 1], rgb[:, 2])
+    y, cb, cr = round_ste(y), round_ste(cb + 128.0), round_ste(cr + 128.0)
     cbcr = round_ste(F.avg_pool2d(torch.stack((cb, cr), dim=1), 2))
     qt_y, qt_c = jpeg_quant_tables(quality, x.device, rgb.dtype)
     dct = _dct_matrix(x.device, rgb.dtype)
