@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
@@ -97,19 +98,38 @@ def parse_train_defense(spec: str | Defense) -> Defense | LabelledTrainingDefens
     return get_defense(spec)
 
 
+#: Surrogates loaded last, by checkpoint file (path, modification time, size): a grid builds
+#: every row's protector and method on the same few surrogates, and building a network
+#: (its random initialisation) costs many times more than copying a loaded one.
+_LOADED_SURROGATES: OrderedDict[tuple[str, int, int], torch.nn.Module] = OrderedDict()
+_LOADED_SURROGATES_KEPT = 4
+
+
 def load_surrogate(path: str | Path) -> torch.nn.Module:
-    """A frozen classifier (eval mode, no gradients) from a ``ClassifierLitModule`` checkpoint."""
+    """A frozen classifier (eval mode, no gradients) from a ``ClassifierLitModule`` checkpoint.
+
+    Every call returns a network of its own (a copy of the one last loaded from the same,
+    unchanged file).
+    """
     from raeg_pl.lit.classifier import ClassifierLitModule
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: surrogate checkpoint not found")
-    lit = ClassifierLitModule.load_from_checkpoint(path, map_location="cpu")
-    model = lit.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.num_classes = lit.hparams.num_classes
-    return model
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    model = _LOADED_SURROGATES.get(key)
+    if model is None:
+        lit = ClassifierLitModule.load_from_checkpoint(path, map_location="cpu")
+        model = lit.model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.num_classes = lit.hparams.num_classes
+        _LOADED_SURROGATES[key] = model
+        while len(_LOADED_SURROGATES) > _LOADED_SURROGATES_KEPT:
+            _LOADED_SURROGATES.popitem(last=False)
+    _LOADED_SURROGATES.move_to_end(key)
+    return copy.deepcopy(model)
 
 
 class ProtectorLitModule(L.LightningModule):
