@@ -13,6 +13,8 @@ PROFILE ?= quick
 TABLES ?= main robustness fidelity inference
 OUT ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), each on one thread; each test file stays in one process.
+PYTEST_WORKERS ?= 2
 
 # Data root: $RAEG_DATA_DIR if set, else a sibling shared/datasets copy when one exists,
 # else ./data (CIFAR-10 is then downloaded through torchvision where the network allows).
@@ -48,7 +50,7 @@ surrogate: install ## train one classifier with LightningCLI (EXP=experiments/su
 	$(BIN)/raeg fit --config $(if $(filter experiments/protect/%,$(EXP)),experiments/surrogate/quick.yaml,$(EXP)) $(if $(OUT),--run_dir $(OUT),)
 
 test: install ## run the test suite (real CIFAR-10 from RAEG_DATA_DIR)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check src tests benchmarks

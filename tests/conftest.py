@@ -13,6 +13,17 @@ from raeg_pl.data.datamodule import resolve_data_root
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker computes on one
+    thread, and so do the processes its tests start: two workers with a team of OpenMP
+    threads each on two cores wait for each other's threads many times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def _data_required() -> bool:
     return bool(os.environ.get("RAEG_REQUIRE_DATA") or os.environ.get("CI"))
 

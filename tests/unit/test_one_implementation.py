@@ -26,6 +26,11 @@ ROUNDING_ALLOWED = [
     ),
     (
         "defenses/ops.py",
+        "coef = round_ste(coef / qt) * qt",
+        "JPEG's quantisation of DCT coefficients by the table's steps, not of pixel levels",
+    ),
+    (
+        "defenses/ops.py",
         "out = round_ste(out).clamp(0.0, 255.0)[..., :h, :w] / 255.0",
         "JPEG's own maths: libjpeg rounds its YCbCr -> RGB conversion, straight-through here",
     ),

@@ -305,8 +305,10 @@ def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tens
 
 def _code_plane(plane: torch.Tensor, qt: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
     """Level shift, 8x8 DCT, quantise (straight-through), dequantise, IDCT, round and clamp."""
-    coef = round_ste(_block_dct(plane - 128.0, dct) / qt) * qt
-    return round_ste(_block_idct(coef, dct) + 128.0).clamp(0.0, 255.0)
+    coef = _block_dct(plane - 128.0, dct)
+    coef = round_ste(coef / qt) * qt
+    out = _block_idct(coef, dct) + 128.0
+    return round_ste(out).clamp(0.0, 255.0)
 
 
 def jpeg_ste(x: torch.Tensor, quality: int) -> torch.Tensor:
