@@ -1,6 +1,6 @@
 """Protector training steps with the levers on: random-quality JPEG and class-pattern removal
-in the curriculum, and the class-mean share penalty. Random images, an untrained surrogate:
-no data, a few seconds on a CPU."""
+in the curriculum, the class-mean share penalty and the unrolled pirate. Random images, an
+untrained surrogate: no data, a few seconds on a CPU."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ LEVERS = {
     ],
     "defense_full_at": 0.01,
     "l_classmean": 1e-3,
+    "l_unroll": 1e-3,
+    "unroll_width": 4,
 }
 
 
@@ -106,7 +108,7 @@ def test_classmean_penalty_adds_its_weighted_share_and_nothing_when_off(surrogat
     assert share == pytest.approx(float(classmean_share(stored - images, labels, CLASSES)))
 
 
-@pytest.mark.parametrize("term", ["l_classmean", "l_jpegkeep"])
+@pytest.mark.parametrize("term", ["l_classmean", "l_jpegkeep", "l_unroll"])
 def test_penalty_gradient_reaches_the_protector(surrogate, term):
     images, labels = batch()
     identity = module(surrogate).curriculum.identity
@@ -166,5 +168,40 @@ def test_jpegkeep_penalty_adds_its_weighted_complement_and_nothing_when_off(surr
     [({"l_jpegkeep": -1.0}, "l_jpegkeep"), ({"jpegkeep_quality": 0}, "jpegkeep_quality")],
 )
 def test_bad_jpegkeep_settings_are_refused(surrogate, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        module(surrogate, **kwargs)
+
+
+def test_unrolled_pirate_adds_its_weighted_loss_and_trains_between_steps(surrogate):
+    from raeg_pl.losses.unrolled import init_pirate_params, unrolled_pirate_loss
+
+    images, labels = batch()
+    identity = module(surrogate).curriculum.identity
+    model = module(surrogate, l_unroll=0.5, unroll_steps=1, unroll_width=4)
+    on, _ = bare_step(model, images, labels, identity)
+    off, _ = bare_step(module(surrogate), images, labels, identity)
+    # Its value, computed here independently: the pirate of seed ``target_seed`` (0) takes
+    # one step on the stored first half and is scored on the clean second half.
+    with torch.no_grad():
+        stored = module(surrogate).protector(images, labels)
+        stored = torch.round(stored.clamp(0, 1) * 255) / 255
+    start = init_pirate_params(3, CLASSES, 4, torch.Generator().manual_seed(0))
+    expected = unrolled_pirate_loss(start, stored[:6], labels[:6], images[6:], labels[6:], 1, 0.1)
+    diff = float(on.detach()) - float(off.detach())
+    assert diff == pytest.approx(0.5 * float(expected.detach()), rel=1e-3, abs=1e-5)
+    # The pirate learnt from the batch: its weights moved from where they started.
+    assert not torch.equal(model._unrolled.params[0].detach(), start[0].detach())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"l_unroll": -1.0}, "l_unroll"),
+        ({"unroll_steps": 0}, "steps"),
+        ({"unroll_lr": 0.0}, "lr"),
+        ({"unroll_reset": 0}, "reset"),
+    ],
+)
+def test_bad_unroll_settings_are_refused(surrogate, kwargs, name):
     with pytest.raises(ValueError, match=name):
         module(surrogate, **kwargs)

@@ -29,6 +29,7 @@ from raeg_pl.losses import (
     targeted_labels,
     untargeted_adversarial_loss,
 )
+from raeg_pl.losses.unrolled import UnrolledPirate
 from raeg_pl.metrics import ImageQuality, classmean_share, from_uint8, to_uint8
 from raeg_pl.models.encdec import GENERATORS, create_protector
 
@@ -143,6 +144,7 @@ class ProtectorLitModule(L.LightningModule):
         L = l_img * MSE(x_p, x) + l_rec * MSE(x_r, x) + l_adv * L_adv(f(D(x_q)), y)
           + l_keep * CE(f(x_r), y) + l_range * out_of_range(x_p)
           + l_classmean * share(x_q - x, y) + l_jpegkeep * (1 - kept_q(x_q - x))
+          + l_unroll * margin(P_k(D(x_q)), x, y)
 
     ``f`` is one member of the frozen surrogate ensemble (members alternate per step), ``D`` a
     differentiable defence drawn from a curriculum that starts at identity and widens (an
@@ -150,7 +152,9 @@ class ProtectorLitModule(L.LightningModule):
     ``share`` is the fraction of the batch perturbation's energy in its class means
     (:func:`~raeg_pl.metrics.perturbation.classmean_share`); ``kept_q`` the share of its
     energy that JPEG at quality ``q`` keeps (:func:`~raeg_pl.defenses.ops.jpeg_kept_share`:
-    luma at low frequencies). The
+    luma at low frequencies); ``margin(P_k(.), x, y)`` the capped margin, on clean images of
+    the batch, of a small pirate after ``k`` SGD steps on the other half of the defended
+    stored batch (:func:`~raeg_pl.losses.unrolled.unrolled_pirate_loss`). The
     first ``warmup_steps`` train reversibility and fidelity only; ``l_adv`` then ramps up over
     ``adv_ramp_steps`` and drops tenfold for batches whose images are almost all past the cap.
     A PSNR controller steers ``l_img`` toward ``psnr_target``.
@@ -209,6 +213,14 @@ class ProtectorLitModule(L.LightningModule):
             ``l_classmean``, once the adversarial term is on.
         jpegkeep_quality: the JPEG quality whose quantisation tables weigh the frequencies
             (the quick robustness grid's worst case is JPEG-10).
+        l_unroll: weight of the unrolled pirate (0: off;
+            :class:`~raeg_pl.losses.unrolled.UnrolledPirate`): a small network takes
+            ``unroll_steps`` SGD steps of size ``unroll_lr`` on half of the stored (and
+            defended) batch and is scored on the clean other half; the protector minimises
+            its capped margin. Counted once the adversarial term is on. The pirate is
+            ``unroll_width`` channels wide, trains one step per batch on the protected
+            batch and starts again from new weights every ``unroll_reset`` steps (it is not
+            in the checkpoint: a resumed fit starts a new one).
         train_defenses: defence specs of the curriculum, easiest first (empty: none): image
             defence specs (``"jpeg_random:qmin=10,qmax=95"``, ``"gray"``...) and
             ``"classpattern[:sigma=S]"`` (:class:`LabelledTrainingDefense`).
@@ -242,6 +254,11 @@ class ProtectorLitModule(L.LightningModule):
         l_classmean: float = 0.0,
         l_jpegkeep: float = 0.0,
         jpegkeep_quality: int = 10,
+        l_unroll: float = 0.0,
+        unroll_steps: int = 2,
+        unroll_lr: float = 0.1,
+        unroll_width: int = 16,
+        unroll_reset: int = 250,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -289,6 +306,19 @@ class ProtectorLitModule(L.LightningModule):
             raise ValueError(f"l_jpegkeep must be >= 0, got {l_jpegkeep}")
         if not 1 <= jpegkeep_quality <= 100:
             raise ValueError(f"jpegkeep_quality must be in [1, 100], got {jpegkeep_quality}")
+        if l_unroll < 0:
+            raise ValueError(f"l_unroll must be >= 0, got {l_unroll}")
+        # Checked (its arguments) whether on or off, so a bad setting fails at once.
+        pirate = UnrolledPirate(
+            in_channels,
+            self.num_classes,
+            width=unroll_width,
+            steps=unroll_steps,
+            lr=unroll_lr,
+            reset=unroll_reset,
+            seed=target_seed,
+        )
+        self._unrolled = pirate if l_unroll > 0 else None
         self.curriculum = DefenseCurriculum(
             train_defenses, full_at=defense_full_at, parse=parse_train_defense
         )
@@ -400,6 +430,10 @@ class ProtectorLitModule(L.LightningModule):
             self.log_dict(
                 {"train/l_adv": l_adv, "train/capped_fraction": capped, "train/l_keep": l_keep}
             )
+            if self._unrolled is not None:
+                l_unroll = self._unrolled.loss(attacked, images, labels, hp.kappa)
+                loss = loss + hp.l_unroll * l_unroll
+                self.log("train/l_unroll", l_unroll.detach())
         if not self._loss_is_sane(loss):
             return None
         measured = float(self._global_mean(psnr(stored.detach(), images)))
