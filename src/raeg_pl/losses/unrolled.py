@@ -68,6 +68,20 @@ def pirate_forward(params: list[torch.Tensor], images: torch.Tensor) -> torch.Te
     return F.linear(x, w_fc, b_fc)
 
 
+def sgd_step(
+    params: list[torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    """The pirate's weights after one SGD step of size ``lr`` on ``CE(f(images), labels)``;
+    with ``create_graph`` the step stays differentiable (in ``images`` and ``params``)."""
+    loss = F.cross_entropy(pirate_forward(params, images), labels)
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    return [p - lr * g for p, g in zip(params, grads, strict=True)]
+
+
 def unrolled_pirate_loss(
     params: list[torch.Tensor],
     train_images: torch.Tensor,
@@ -105,9 +119,7 @@ def unrolled_pirate_loss(
         raise ValueError(f"lr must be > 0, got {lr}")
     theta = [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
     for _ in range(steps):
-        loss = F.cross_entropy(pirate_forward(theta, train_images), train_labels)
-        grads = torch.autograd.grad(loss, theta, create_graph=True)
-        theta = [p - lr * g for p, g in zip(theta, grads, strict=True)]
+        theta = sgd_step(theta, train_images, train_labels, lr, create_graph=True)
     logits = pirate_forward(theta, eval_images)
     return untargeted_adversarial_loss(logits, eval_labels, kappa=kappa, kind="margin")
 
@@ -190,10 +202,6 @@ class UnrolledPirate:
             # The pirate learns from the whole protected batch, as a pirate would.
             with torch.enable_grad():
                 theta = [p.detach().requires_grad_(True) for p in self.params]
-                ce = F.cross_entropy(pirate_forward(theta, protected.detach()), labels)
-                grads = torch.autograd.grad(ce, theta)
-            self.params = [
-                (p - self.lr * g).detach().requires_grad_(True)
-                for p, g in zip(theta, grads, strict=True)
-            ]
+                stepped = sgd_step(theta, protected.detach(), labels, self.lr)
+            self.params = [p.detach().requires_grad_(True) for p in stepped]
         return value
