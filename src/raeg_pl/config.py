@@ -35,12 +35,16 @@ PIPELINE_KEYS = (
     "pirate",
     "pirate_defenses",
     "eval_defenses",
+    "export",
     "wandb",
     "profile",
     "description",
 )
+# The pipeline's ``export`` section: how its protector is applied to the training split. A
+# grid sets the same per RAEG row (a method argument), so grids do not take the section.
+EXPORT_KEYS = ("refine_steps",)
 GRID_KEYS = (
-    *PIPELINE_KEYS,
+    *(k for k in PIPELINE_KEYS if k != "export"),
     "table",
     "rows",
     "pirates",
@@ -198,8 +202,34 @@ def load_pipeline_config(
     keys = keys or PIPELINE_KEYS
     unknown = set(cfg) - set(keys)
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; valid: {keys}")
+        hint = " (a grid sets refine_steps on its RAEG rows)" if "export" in unknown else ""
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; valid: {keys}{hint}")
+    try:
+        export_settings(cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg
+
+
+def export_settings(cfg: dict) -> dict:
+    """The pipeline's ``export`` section, checked: ``{"refine_steps": int >= 0}``.
+
+    ``refine_steps`` (default 0) is the restore-aware rounding of the protected training
+    split (:func:`raeg_pl.io.apply.restore_aware_rounding`).
+
+    Raises:
+        ValueError: an unknown key, or a value that is not a non-negative integer.
+    """
+    section = cfg.get("export") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"export: expected a mapping, got {section!r}")
+    unknown = sorted(set(section) - set(EXPORT_KEYS))
+    if unknown:
+        raise ValueError(f"export: unknown keys {unknown}; valid: {list(EXPORT_KEYS)}")
+    steps = section.get("refine_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"export.refine_steps: expected an integer >= 0, got {steps!r}")
+    return {"refine_steps": steps}
 
 
 def load_grid_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
@@ -379,6 +409,7 @@ def validate_grid_config(cfg: dict) -> list[str]:
 __all__ = [
     "ADV_TRAIN",
     "DEFAULT_EVAL_DEFENSES",
+    "EXPORT_KEYS",
     "GRID_KEYS",
     "NOT_RECIPE",
     "PIPELINE_KEYS",
@@ -387,6 +418,7 @@ __all__ = [
     "deep_merge",
     "defaults_of",
     "expand_config_args",
+    "export_settings",
     "grid_pirates",
     "load_config",
     "load_config_texts",

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from raeg_pl.utils.quantize import from_uint8, to_uint8
+from raeg_pl.utils.quantize import from_uint8, quantize_8bit, quantize_ste, to_uint8
 
-__all__ = ["apply_protector", "exact_math", "protector_values"]
+__all__ = ["apply_protector", "exact_math", "protector_values", "restore_aware_rounding"]
 
 Labels = torch.Tensor | np.ndarray | Sequence[int] | None
 
@@ -52,6 +52,57 @@ def _network(net: Any, inverse: bool) -> tuple[Callable[..., torch.Tensor], bool
     return fn, conditional, device
 
 
+def restore_aware_rounding(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inverse: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    steps: int,
+    lr: float = 0.3,
+) -> torch.Tensor:
+    """Protected images on the 8-bit grid whose restore lies closer to the originals.
+
+    Rounding ``forward(x)`` to 8 bits loses up to half a level per value, and the inverse
+    amplifies that loss, most where the protected image was clipped at 0 or 255. Among the
+    8-bit images near ``forward(x)``, this searches for one whose restore
+    ``round(inverse(y))`` is closer to ``x``: ``steps`` Adam steps on the unrounded image
+    ``t`` (in levels) against the restore's squared error, through straight-through
+    rounding, keeping for each image the candidate with the smallest restore error seen
+    (plain rounding included, so no image gets worse). Restoring is unchanged.
+
+    Args:
+        forward: the protector on float images in [0, 1] (labels bound already).
+        inverse: its inverse (labels bound already).
+        x: (B, C, H, W) float originals on the 8-bit grid.
+        steps: search steps (0: plain rounding).
+        lr: Adam step size, in 8-bit levels.
+
+    Returns:
+        (B, C, H, W) float protected images on the 8-bit grid ``k / 255``.
+    """
+    best = quantize_8bit(forward(x))
+    if steps <= 0:
+        return best
+    best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
+    # The search variable is in 8-bit levels, so ``lr`` is too.
+    t = (255.0 * best).requires_grad_(True)
+    opt = torch.optim.Adam([t], lr=lr)
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            stored = quantize_ste(t / 255.0)
+            restored = inverse(stored)
+            # The candidate's true error: restores are stored in 8 bits too.
+            err = (quantize_8bit(restored) - x).square().flatten(1).mean(1)
+            better = err < best_err
+            best[better] = stored.detach()[better]
+            best_err = torch.minimum(best_err, err)
+            if step == steps:
+                break
+            loss = (restored - x).square().sum()
+            (t.grad,) = torch.autograd.grad(loss, [t])
+            opt.step()
+    return best
+
+
 def _run(
     net: Any,
     images_u8: torch.Tensor | np.ndarray,
@@ -62,8 +113,17 @@ def _run(
     device: str | torch.device | None,
     finish: Callable[[torch.Tensor], torch.Tensor],
     out_dtype: torch.dtype,
+    refine_steps: int = 0,
+    refine_lr: float = 0.3,
 ) -> torch.Tensor:
     fn, conditional, net_device = _network(net, inverse)
+    if refine_steps < 0:
+        raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+    if refine_steps and inverse:
+        raise ValueError("refine_steps applies to protecting, not to restoring")
+    refine_inverse = getattr(getattr(net, "__self__", net), "inverse", None)
+    if refine_steps and refine_inverse is None:
+        raise ValueError("refine_steps needs a protector with an inverse")
     if isinstance(images_u8, np.ndarray) and not images_u8.flags.writeable:
         images_u8 = images_u8.copy()  # torch warns on read-only arrays
     images = torch.as_tensor(images_u8)
@@ -94,6 +154,11 @@ def _run(
             y = None if y_all is None else y_all[start : start + step].to(dev)
 
             def call(part: torch.Tensor, y: torch.Tensor | None = y) -> torch.Tensor:
+                if refine_steps:
+                    fwd, inv = fn, refine_inverse
+                    if y is not None:
+                        fwd, inv = (lambda v: fn(v, y)), (lambda v: refine_inverse(v, y))
+                    return restore_aware_rounding(fwd, inv, part, refine_steps, refine_lr)
                 return fn(part) if y is None else fn(part, y)
 
             if tile and (h > tile or w > tile):
@@ -119,6 +184,8 @@ def apply_protector(
     tile: int = 0,
     batch_size: int | None = 64,
     device: str | torch.device | None = None,
+    refine_steps: int = 0,
+    refine_lr: float = 0.3,
 ) -> torch.Tensor:
     """Protects (or restores) 8-bit images with a protector and stores them in 8 bits.
 
@@ -136,15 +203,32 @@ def apply_protector(
             slightly different floats for other batch compositions; a restore that must
             reproduce exactly the values protect saw uses the same batching (1).
         device: where to run (default: the network's device); results come back on CPU.
+        refine_steps: protecting only: search this many steps for stored images whose
+            restore is closer to the originals (:func:`restore_aware_rounding`; 0: plain
+            rounding). Costs about ``refine_steps`` forward, inverse and backward passes.
+        refine_lr: the search's step size, in 8-bit levels.
 
     Returns:
         (B, C, H, W) uint8 on CPU: :func:`raeg_pl.utils.quantize.to_uint8` of the output.
 
     Raises:
         ValueError: not uint8 (B, C, H, W) images; labels missing for a conditioned
-            protector, or of the wrong count or range.
+            protector, or of the wrong count or range; ``refine_steps`` negative, or given
+            for a restore or a network without an inverse.
     """
-    return _run(net, images_u8, labels, inverse, tile, batch_size, device, to_uint8, torch.uint8)
+    return _run(
+        net,
+        images_u8,
+        labels,
+        inverse,
+        tile,
+        batch_size,
+        device,
+        to_uint8,
+        torch.uint8,
+        refine_steps,
+        refine_lr,
+    )
 
 
 def protector_values(

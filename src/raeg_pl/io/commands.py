@@ -4,7 +4,7 @@
 
     raeg export-key --checkpoint runs/.../protector.ckpt --out owner.raegkey
     raeg protect --key owner.raegkey --input photos/ --output photos_protected/ [--lossless] \\
-                 [--labels labels.csv]
+                 [--labels labels.csv] [--refine 20]
     raeg restore --key owner.raegkey --input photos_protected/ --output photos_restored/ \\
                  [--sidecar photos_protected.sidecar/ | --no-sidecar]
     raeg verify --input photos_protected/ [--sidecar photos_protected.sidecar/]
@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TILE,
         help=f"protect images larger than this in tiles (default {DEFAULT_TILE}; 0: never)",
     )
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="search STEPS steps per batch for stored images that restore closer to the "
+        "originals (restore is unchanged; about STEPS times slower; default 0: plain rounding)",
+    )
     common(p)
 
     p = sub.add_parser("restore", help="restore a protected folder")
@@ -133,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command in ("protect", "restore") and args.batch_size < 1:
             raise FolderError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.command == "protect" and args.refine < 0:
+            raise FolderError(f"--refine must be >= 0, got {args.refine}")
         if args.command == "protect":
             from raeg_pl.io.protect import protect_folder
 
@@ -147,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 tile=args.tile,
                 labels=args.labels,
+                refine_steps=args.refine,
             )
         elif args.command == "restore":
             from raeg_pl.io.restore import restore_folder

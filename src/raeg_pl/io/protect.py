@@ -28,11 +28,13 @@ from raeg_pl.io.reader import (
     DecodedImage,
     ImageDecodeError,
     decode_image,
+    key_planes,
     list_images,
     pixel_sha256,
     plan_output_names,
     read_error,
     read_source_bytes,
+    stored_mode,
 )
 from raeg_pl.io.sidecar import LOSSLESS_MARGIN, SIDECAR_SUFFIX, default_sidecar_dir, encode_residual
 from raeg_pl.io.summary import FolderSummary
@@ -56,6 +58,7 @@ def protect_folder(
     lossless_margin: float = LOSSLESS_MARGIN,
     labels: str | os.PathLike | Mapping[str, Any] | None = None,
     classes: Sequence[str] | None = None,
+    refine_steps: int = 0,
 ) -> FolderSummary:
     """Protects every image under ``input_dir`` into 8-bit PNGs under ``output_dir``.
 
@@ -81,6 +84,9 @@ def protect_folder(
         labels: for a label-conditioned key and a flat folder: a CSV file of
             ``relative_path,class`` lines (class name or index), or such a mapping.
         classes: class names of a conditioned protector passed as ``key`` directly.
+        refine_steps: restore-aware rounding of each stored image
+            (:func:`raeg_pl.io.apply.restore_aware_rounding`; 0: plain rounding); recorded
+            per file, and a resumed run rewrites files stored with another setting.
 
     Returns:
         The summary; ``summary.failed`` maps input paths to reasons.
@@ -103,6 +109,8 @@ def protect_folder(
     mult = 2**net.levels
     if tile < 0 or tile % mult:
         raise FolderError(f"tile must be 0 or a positive multiple of {mult}, got {tile}")
+    if refine_steps < 0:
+        raise FolderError(f"refine_steps must be >= 0, got {refine_steps}")
     images, ignored = list_images(src)
     names, name_failures = plan_output_names(images)
     label_of: dict[str, str] = {}
@@ -115,6 +123,7 @@ def protect_folder(
         )
     net = net.to(dev)
     fingerprint = net.fingerprint()
+    channels = int(net.config.get("in_channels", 3))
     run = OwnerRun(
         "protect", "protected", src, out_root, sc_root, fingerprint, len(images), progress, True
     )
@@ -123,20 +132,25 @@ def protect_folder(
 
     def protect(chunk: list[tuple[str, str, DecodedImage, dict[str, Any]]]) -> None:
         try:
-            x = np.stack([img.rgb.transpose(2, 0, 1) for _, _, img, _ in chunk])
+            planes = [key_planes(img, channels) for _, _, img, _ in chunk]
+            x = np.stack(planes)
             y = [pkey.classes.index(m["label"]) for *_, m in chunk] if pkey.conditional else None
-            protected = apply_protector(net, x, y, tile=tile, batch_size=None, device=dev).numpy()
+            protected = apply_protector(
+                net, x, y, tile=tile, batch_size=None, device=dev, refine_steps=refine_steps
+            ).numpy()
             results = []
             for k, ((rel, out_rel, img, meta), prot) in enumerate(zip(chunk, protected)):
                 png = encode_png(prot, img.alpha, meta.get("label") if pkey.conditional else None)
                 entry = {**meta, "sha256": sha256_bytes(png), "tile": tile}
+                if refine_steps:
+                    entry["refine_steps"] = refine_steps
                 residual = None
                 if lossless:
                     values = protector_values(
                         net, prot[None], None if y is None else y[k : k + 1],
                         inverse=True, tile=tile, device=dev,
                     )[0].numpy()  # fmt: skip
-                    residual = encode_residual(img.rgb.transpose(2, 0, 1), values, lossless_margin)
+                    residual = encode_residual(planes[k], values, lossless_margin)
                     entry["sidecar"] = {
                         "file": out_rel + SIDECAR_SUFFIX,
                         "sha256": sha256_bytes(residual),
@@ -174,6 +188,7 @@ def protect_folder(
                 and rec.get("source") == rel
                 and rec.get("source_sha256") == source_sha
                 and rec.get("label") == label_of.get(rel)
+                and rec.get("refine_steps", 0) == refine_steps
                 and folder.intact(out_rel, rec, need_sidecar=lossless)
             ):
                 run.skip(rel)
@@ -186,6 +201,7 @@ def protect_folder(
                 continue
             try:
                 img = decode_image(data)
+                key_planes(img, channels)  # refused now, before it joins a batch
             except ImageDecodeError as e:
                 run.fail(rel, str(e))
                 continue
@@ -199,7 +215,7 @@ def protect_folder(
                 "source_pixel_sha256": pixel_sha256(img.rgb, img.alpha),
                 "width": w,
                 "height": h,
-                "mode": "RGB" if img.alpha is None else "RGBA",
+                "mode": stored_mode(channels, img.alpha is not None),
                 "conversions": img.conversions,
                 "label": label_of.get(rel),
             }

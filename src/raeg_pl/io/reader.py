@@ -51,6 +51,7 @@ __all__ = [
     "decode_image",
     "embedded_label",
     "is_image_file",
+    "key_planes",
     "list_class_folder",
     "list_images",
     "pixel_sha256",
@@ -59,6 +60,7 @@ __all__ = [
     "read_error",
     "read_source_bytes",
     "read_stored_png",
+    "stored_mode",
     "walk_files",
 ]
 
@@ -205,11 +207,46 @@ class DecodedImage:
     source_mode: str
 
 
+def key_planes(image: DecodedImage, channels: int) -> np.ndarray:
+    """The (channels, H, W) uint8 planes a protector of ``channels`` channels takes.
+
+    A 3-channel protector takes the RGB planes. A 1-channel (grayscale) protector takes the
+    grey plane of an image whose three planes are equal (every grey input: see the
+    decoding rules above); a colour image would lose its colour, so it is refused.
+
+    Raises:
+        ImageDecodeError: a colour image for a grayscale protector, or a channel count
+            other than 1 or 3.
+    """
+    rgb = image.rgb
+    if channels == 3:
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    if channels == 1:
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
+            raise ImageDecodeError(
+                f"a colour image ({image.source_mode}); this key protects grayscale (1-channel) "
+                "images only, and converting would lose the colour"
+            )
+        return np.ascontiguousarray(rgb[None, :, :, 0])
+    raise ImageDecodeError(f"keys of {channels} channels are not supported (1 or 3)")
+
+
+def stored_mode(channels: int, alpha: bool) -> str:
+    """The PNG mode of a protected or restored image: ``L``/``LA`` or ``RGB``/``RGBA``."""
+    return ("L" if channels == 1 else "RGB") + ("A" if alpha else "")
+
+
 def pixel_sha256(rgb: np.ndarray, alpha: np.ndarray | None = None) -> str:
     """SHA-256 of 8-bit pixels: (H, W, 3) uint8 RGB plus an optional (H, W) alpha plane.
 
-    The shape is hashed too, so images with the same bytes but other sizes differ.
+    A grey image given as (H, W, 1) is hashed as its RGB replica (grey inputs are decoded
+    to RGB, so a grayscale key's restore matches its source's hash). The shape is hashed
+    too, so images with the same bytes but other sizes differ.
     """
+    if rgb.ndim == 3 and rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
     arr = rgb if alpha is None else np.dstack([rgb, alpha])
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     h = hashlib.sha256(f"raeg-pixels/1 {arr.shape[0]}x{arr.shape[1]}x{arr.shape[2]}\n".encode())
@@ -358,7 +395,8 @@ def read_stored_png(
         entry: its manifest entry (``mode``, ``width``, ``height``).
 
     Returns:
-        (rgb, alpha, label): (3, H, W) uint8, the (H, W) alpha plane or None, and the class
+        (planes, alpha, label): (3, H, W) uint8 (``RGB``/``RGBA`` files) or (1, H, W)
+        (``L``/``LA``, a grayscale key's), the (H, W) alpha plane or None, and the class
         name of the ``raeg:label`` text chunk or None.
 
     Raises:
@@ -374,5 +412,8 @@ def read_stored_png(
             f"stored image is {mode} {arr.shape[1]}x{arr.shape[0]}, manifest says "
             f"{entry.get('mode')} {entry['width']}x{entry['height']}"
         )
-    alpha = arr[:, :, 3].copy() if mode == "RGBA" else None
-    return np.ascontiguousarray(arr[:, :, :3].transpose(2, 0, 1)), alpha, label
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    colours = 1 if mode in ("L", "LA") else 3
+    alpha = arr[:, :, colours].copy() if mode in ("RGBA", "LA") else None
+    return np.ascontiguousarray(arr[:, :, :colours].transpose(2, 0, 1)), alpha, label

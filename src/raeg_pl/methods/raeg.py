@@ -16,6 +16,9 @@ class RAEGMethod(ProtectionMethod):
     Args:
         checkpoint: a ``ProtectorLitModule`` checkpoint (or an exported key file's
             checkpoint) that :func:`raeg_pl.io.keyfile.load_protector_checkpoint` reads.
+        refine_steps: restore-aware rounding of the stored images
+            (:func:`raeg_pl.io.apply.restore_aware_rounding`; 0: plain rounding). Restoring
+            is unchanged; the recovered images come closer to the originals.
         surrogates, device, batch_size, seed: see :class:`ProtectionMethod` (RAEG was trained
             against its surrogates already; they are not used here).
     """
@@ -23,10 +26,13 @@ class RAEGMethod(ProtectionMethod):
     name = "raeg"
     reversible = True
 
-    def __init__(self, checkpoint: str | Path, **common: Any) -> None:
+    def __init__(self, checkpoint: str | Path, refine_steps: int = 0, **common: Any) -> None:
         super().__init__(**common)
         from raeg_pl.io.keyfile import load_protector_checkpoint
 
+        if int(refine_steps) < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        self.refine_steps = int(refine_steps)
         self.checkpoint = Path(checkpoint)
         self.net = load_protector_checkpoint(self.checkpoint).to(self.device).eval()
 
@@ -47,6 +53,7 @@ class RAEGMethod(ProtectionMethod):
             inverse=inverse,
             batch_size=self.batch_size,
             device=self.device,
+            refine_steps=0 if inverse else self.refine_steps,
         )
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,4 +68,5 @@ class RAEGMethod(ProtectionMethod):
             "checkpoint": str(self.checkpoint),
             "protector_fingerprint": self.net.fingerprint(),
             "protector_config": self.net.config,
+            **({"refine_steps": self.refine_steps} if self.refine_steps else {}),
         }

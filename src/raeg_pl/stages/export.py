@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from raeg_pl.config import DEFAULT_EVAL_DEFENSES
+from raeg_pl.config import DEFAULT_EVAL_DEFENSES, export_settings
 from raeg_pl.data.datamodule import ImageClassificationDataModule, apply_defense_uint8
 from raeg_pl.stages.common import StageRunner, stage_of
 from raeg_pl.utils.run import write_results
@@ -176,14 +176,18 @@ def export_stage(
     data_cfg: dict,
     eval_defenses: list[str],
     run_dir: Path,
+    refine_steps: int = 0,
 ) -> dict:
-    """Exports the RAEG-protected training split and measures it (see method_export_stage)."""
+    """Exports the RAEG-protected training split and measures it (see method_export_stage).
+
+    ``refine_steps``: restore-aware rounding of the stored images (the config's
+    ``export.refine_steps``)."""
     from raeg_pl.lit.protector import load_surrogate
     from raeg_pl.methods.raeg import RAEGMethod
 
     dm = ImageClassificationDataModule(**data_cfg)
     dm.setup()
-    method = RAEGMethod(protector_ckpt)
+    method = RAEGMethod(protector_ckpt, refine_steps=refine_steps)
     results = method_export_stage(
         stage_dir, method, dm, eval_defenses, load_surrogate(surrogate_ckpt), data_cfg=data_cfg
     )
@@ -269,6 +273,7 @@ def export_clean_folder(folder: Path, data_cfg: dict) -> None:
 def run_export(runner: StageRunner, protector_ckpt: Path, surrogate_ckpts: list[Path]) -> dict:
     """The pipeline's ``export`` stage: RAEG on the training split, measured from the files."""
     eval_defenses = list(runner.cfg.get("eval_defenses") or DEFAULT_EVAL_DEFENSES)
+    settings = export_settings(runner.cfg)
 
     def run(stage_dir):
         return export_stage(
@@ -278,6 +283,7 @@ def run_export(runner: StageRunner, protector_ckpt: Path, surrogate_ckpts: list[
             runner.data_cfg,
             eval_defenses,
             runner.run_dir,
+            refine_steps=settings["refine_steps"],
         )
 
     recipe = {
@@ -286,6 +292,8 @@ def run_export(runner: StageRunner, protector_ckpt: Path, surrogate_ckpts: list[
         "eval_defenses": eval_defenses,
         "upstream": [runner.recipes.get(stage_of(p)) for p in (protector_ckpt, surrogate_ckpts[0])],
     }
+    if settings["refine_steps"]:  # the plain export's recipe (and hash) stays as it was
+        recipe["export"] = settings
     return runner.run_stage("export", run, recipe)
 
 
