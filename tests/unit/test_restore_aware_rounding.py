@@ -159,3 +159,35 @@ def test_the_pipeline_export_section_is_checked_at_load(tmp_path) -> None:
     # A grid sets it per RAEG row instead.
     with pytest.raises(ValueError, match="refine_steps on its RAEG rows"):
         load_grid_config(cfg)
+
+
+def test_the_raeg_method_refines_its_protected_images(tmp_path) -> None:
+    from raeg_pl.methods import create_method
+
+    net = _protector()
+    key = tmp_path / "p.ckpt"  # the protector part of a ProtectorLitModule checkpoint
+    torch.save(
+        {
+            "protector_config": net.config,
+            "protector_fingerprint": net.fingerprint(),
+            "state_dict": {f"protector.{k}": v for k, v in net.state_dict().items()},
+        },
+        key,
+    )
+    x, labels = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = create_method({"kind": "raeg", "checkpoint": str(key)}, [], device="cpu")
+    refined = create_method(
+        {"kind": "raeg", "checkpoint": str(key), "refine_steps": 4}, [], device="cpu"
+    )
+    assert refined.config()["refine_steps"] == 4 and "refine_steps" not in plain.config()
+    p, r = plain.protect(x, labels), refined.protect(x, labels)
+    assert not torch.equal(p, r)
+    err = [
+        (m.recover(s, labels).float() - x.float()).square().mean()
+        for m, s in ((plain, p), (refined, r))
+    ]
+    assert err[1] < err[0]
+    with pytest.raises(ValueError, match="refine_steps must be >= 0"):
+        create_method(
+            {"kind": "raeg", "checkpoint": str(key), "refine_steps": -1}, [], device="cpu"
+        )
