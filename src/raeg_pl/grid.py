@@ -8,6 +8,7 @@ grid resumes, and a grid split over cluster jobs with ``--rows``/``--archs`` fil
 2. ``pirates/clean/<arch>/none/seed<k>`` for the ``heldout`` architectures: clean-trained
                                 classifiers the inference-time figures also attack;
 3. ``protector_<row>``          a RAEG protector per RAEG row (its ``protector`` overrides);
+                                rows with the same protector recipe share the first one's;
 4. ``methods/<row>``            the row's protected (and, if reversible, recovered) training
                                 split as PNG folders, measured from the stored files;
 5. ``pirates/<row>/<arch>/<defence>/seed<k>``  the pirate recipe on clean data (row
@@ -198,10 +199,36 @@ class Grid(StageRunner):
             self._reuse(f"surrogate_{i}", f"surrogate_{i}", self._shared_keys())
         return run_surrogates(self)
 
+    def protector_owner(self, row: str) -> str:
+        """The row whose ``protector_<row>`` stage a RAEG row uses: the first row of the grid
+        with the same protector recipe and surrogates (itself, unless an earlier row trains
+        the same protector, e.g. a row that only changes ``refine_steps``)."""
+        if not hasattr(self, "_owners"):
+            owners: dict[str, str] = {}
+            first: dict[str, str] = {}
+            for name, raw in self.rows.items():
+                spec = row_spec(self.cfg, raw)
+                if spec.get("kind") != "raeg":
+                    continue
+                key = json.dumps(
+                    [row_protector_spec(self.cfg, spec), spec.get("surrogates")],
+                    sort_keys=True,
+                    default=str,
+                )
+                owners[name] = first.setdefault(key, name)
+            self._owners = owners
+        return self._owners.get(row, row)
+
     def row_protector(self, row: str, spec: dict, surrogates: list[Path]) -> Path:
-        """A RAEG row's ``protector_<row>`` stage (linked when it matches); its checkpoint."""
+        """A RAEG row's protector stage (linked when it matches); its checkpoint.
+
+        ``protector_<owner>`` with :meth:`protector_owner`: rows with the same protector
+        recipe share one fit."""
         pspec = row_protector_spec(self.cfg, spec)
-        name = f"protector_{row}"
+        owner = self.protector_owner(row)
+        name = f"protector_{owner}"
+        if owner != row:
+            self.say(f"{row}: uses the protector of row {owner} (same protector recipe)")
         expect = {**self._shared_keys(), "protector": pspec}
         # The earlier run's config has no subset: only a row using every surrogate matches.
         expect["surrogate_subset"] = spec.get("surrogates")
@@ -248,7 +275,7 @@ class Grid(StageRunner):
             "eval_defenses": self.eval_defenses,
             "inference_per_class": self.cfg.get("inference_per_class"),
             "upstream": {
-                "protector": self.recipes.get(f"protector_{row}"),
+                "protector": self.recipes.get(f"protector_{self.protector_owner(row)}"),
                 "surrogates": [self.recipes.get(stage_of(p)) for p in surrogates],
                 "heldout": [
                     self.recipes.get(str(d.relative_to(self.run_dir))) for d in heldout_stages
@@ -396,7 +423,8 @@ def worker_jobs(grid: Grid) -> list[list[list[str]]]:
 
     1. the stages every later job reads: the surrogates, the clean export and the held-out
        classifiers;
-    2. every row's method stage (and protector), one job per row;
+    2. every row's method stage (and protector), one job per row (rows that share a
+       protector in one job);
     3. the pirates, one job per (seed, defence, architecture) over every row, seed-major (a
        run stopped early leaves whole seeds), the costliest defences of a seed first; the
        authorised classifiers of a seed go with the jobs of its first defence only;
@@ -412,7 +440,14 @@ def worker_jobs(grid: Grid) -> list[list[list[str]]]:
     if not rows:
         raise ValueError(f"grid {grid.table}: no rows selected")
     no_pirates = "pirate_rows=[]"
-    phases = [[[no_pirates, "--shared-only"]], [[no_pirates, "--rows", r] for r in rows]]
+    # Rows that share a protector (Grid.protector_owner) go in one job: the fit runs once.
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        groups.setdefault(grid.protector_owner(r), []).append(r)
+    phases = [
+        [[no_pirates, "--shared-only"]],
+        [[no_pirates, "--rows", *group] for group in groups.values()],
+    ]
 
     def cost(defense: str) -> int:  # training-loop defences cost several plain pirates
         return 0 if parse_pirate_defense(defense).kind == "training" else 1

@@ -255,3 +255,70 @@ def test_overrides_after_list_options_are_overrides(tmp_path, capsys):
     assert main(args) == 0
     plan = json.loads((run / "grid.json").read_text())["tables"]["main"]
     assert plan["seeds"] == [1] and plan["archs"] == ["vit"]
+
+
+SHARED_ROWS = (
+    "rows={a: {kind: raeg}, b: {kind: raeg, refine_steps: 2},"
+    " c: {kind: raeg, protector: {model: {psnr_target: 30.0}}},"
+    " noise: {kind: classwise_noise}}"
+)
+
+
+def test_rows_with_the_same_protector_recipe_share_one_fit_and_one_worker_job():
+    from raeg_pl.grid import Grid, load_grid_config, worker_jobs
+
+    grid = Grid(load_grid_config(STANDARD_MAIN, [SHARED_ROWS]))
+    owners = {r: grid.protector_owner(r) for r in ("a", "b", "c", "noise")}
+    assert owners == {"a": "a", "b": "a", "c": "c", "noise": "noise"}
+    phases = worker_jobs(grid)
+    assert phases[1] == [
+        ["pirate_rows=[]", "--rows", "a", "b"],
+        ["pirate_rows=[]", "--rows", "c"],
+        ["pirate_rows=[]", "--rows", "noise"],
+    ]
+
+
+def test_a_row_that_only_refines_reuses_the_protector(fake_data, tmp_path):
+    run = tmp_path / "grid"
+    args = [
+        "grid",
+        "--config",
+        str(STANDARD_MAIN),
+        "--run_dir",
+        str(run),
+        f"data.data_dir={fake_data}",
+        "data.dataset=fake",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.download=false",
+        "data.train_per_class=4",
+        "data.val_per_class=1",
+        "data.test_per_class=2",
+        "protector.data.train_per_class=4",
+        "pirate.data.val_per_class=1",
+        "trainer.max_steps=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.precision=32-true",
+        "protector.model.warmup_steps=0",
+        "protector.model.adv_ramp_steps=1",
+        "seeds=[0]",
+        "pirate_defenses=[none]",
+        "pirate_rows=[]",
+        "heldout=[]",
+        "wandb=null",
+        SHARED_ROWS,
+        "--rows",
+        "a",
+        "b",
+    ]
+    assert main(args) == 0
+    assert sorted(p.name for p in run.glob("protector_*")) == ["protector_a"]
+    a = json.loads((run / "methods" / "a" / "results.json").read_text())
+    b = json.loads((run / "methods" / "b" / "results.json").read_text())
+    assert b["method"]["refine_steps"] == 2 and "refine_steps" not in a["method"]
+    assert a["method"]["protector_fingerprint"] == b["method"]["protector_fingerprint"]
+    # b's method stage names protector_a's recipe as its upstream.
+    recipe = json.loads((run / "methods" / "b" / "recipe.json").read_text())
+    protector = json.loads((run / "protector_a" / "recipe.json").read_text())
+    assert recipe["recipe"]["upstream"]["protector"] == protector["hash"]
