@@ -194,17 +194,14 @@ def test_worker_jobs_cover_every_cell_once_in_phases():
     )
 
 
-def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
-    """``--workers 2`` on fake data: every planned cell and authorised classifier, once."""
-    run = tmp_path / "grid"
-    args = [
+def _one_step_grid(run, fake_data, tmp_path) -> list[str]:
+    """``raeg grid`` of the standard main table on fake data: one step of every stage."""
+    return [
         "grid",
         "--config",
         str(STANDARD_MAIN),
         "--run_dir",
         str(run),
-        "--workers",
-        "2",
         f"data.data_dir={fake_data}",
         "data.dataset=fake",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -222,6 +219,14 @@ def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
         "protector.model.warmup_steps=0",
         "protector.model.adv_ramp_steps=1",
         "seeds=[0]",
+    ]
+
+
+def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
+    """``--workers 2`` on fake data: every planned cell and authorised classifier, once."""
+    run = tmp_path / "grid"
+    args = [
+        *_one_step_grid(run, fake_data, tmp_path),
         "pirate_defenses=[none, gray]",
         "wandb=null",
         "--rows",
@@ -229,6 +234,8 @@ def test_grid_workers_fill_the_same_cells_as_one_process(fake_data, tmp_path):
         "classwise_noise",
         "--archs",
         "resnet",
+        "--workers",
+        "2",
     ]
     assert main(args) == 0, sorted(p.name for p in (run / "workers").glob("*.log"))
     plan = json.loads((run / "grid.json").read_text())["tables"]["main"]
@@ -281,28 +288,7 @@ def test_rows_with_the_same_protector_recipe_share_one_fit_and_one_worker_job():
 def test_a_row_that_only_refines_reuses_the_protector(fake_data, tmp_path):
     run = tmp_path / "grid"
     args = [
-        "grid",
-        "--config",
-        str(STANDARD_MAIN),
-        "--run_dir",
-        str(run),
-        f"data.data_dir={fake_data}",
-        "data.dataset=fake",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.download=false",
-        "data.train_per_class=4",
-        "data.val_per_class=1",
-        "data.test_per_class=2",
-        "protector.data.train_per_class=4",
-        "pirate.data.val_per_class=1",
-        "trainer.max_steps=1",
-        "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-        "trainer.precision=32-true",
-        "protector.model.warmup_steps=0",
-        "protector.model.adv_ramp_steps=1",
-        "seeds=[0]",
+        *_one_step_grid(run, fake_data, tmp_path),
         "pirate_defenses=[none]",
         "pirate_rows=[]",
         "heldout=[]",
