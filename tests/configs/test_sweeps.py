@@ -187,6 +187,7 @@ def pipeline_schema() -> dict[str, Any]:
         "pirate": classifier,
         "pirate_defenses": list[str],
         "eval_defenses": list[str],
+        "export": {"refine_steps": int},
         "wandb": {
             "enabled": bool,
             "project": str,
