@@ -30,6 +30,7 @@ built stops the grid at once, named with its error. ``raeg grid --check`` does o
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -199,25 +200,27 @@ class Grid(StageRunner):
             self._reuse(f"surrogate_{i}", f"surrogate_{i}", self._shared_keys())
         return run_surrogates(self)
 
-    def protector_owner(self, row: str) -> str:
-        """The row whose ``protector_<row>`` stage a RAEG row uses: the first row of the grid
-        with the same protector recipe and surrogates (itself, unless an earlier row trains
-        the same protector, e.g. a row that only changes ``refine_steps``)."""
-        if not hasattr(self, "_owners"):
-            owners: dict[str, str] = {}
-            first: dict[str, str] = {}
-            for name, raw in self.rows.items():
-                spec = row_spec(self.cfg, raw)
-                if spec.get("kind") != "raeg":
-                    continue
+    @functools.cached_property
+    def _protector_owners(self) -> dict[str, str]:
+        """RAEG row -> the first row with the same protector recipe and surrogates."""
+        owners: dict[str, str] = {}
+        first: dict[str, str] = {}
+        for name, raw in self.rows.items():
+            spec = row_spec(self.cfg, raw)
+            if spec.get("kind") == "raeg":
                 key = json.dumps(
                     [row_protector_spec(self.cfg, spec), spec.get("surrogates")],
                     sort_keys=True,
                     default=str,
                 )
                 owners[name] = first.setdefault(key, name)
-            self._owners = owners
-        return self._owners.get(row, row)
+        return owners
+
+    def protector_owner(self, row: str) -> str:
+        """The row whose ``protector_<row>`` stage a RAEG row uses: the first row of the grid
+        with the same protector recipe and surrogates (itself, unless an earlier row trains
+        the same protector, e.g. a row that only changes ``refine_steps``)."""
+        return self._protector_owners.get(row, row)
 
     def row_protector(self, row: str, spec: dict, surrogates: list[Path]) -> Path:
         """A RAEG row's protector stage (linked when it matches); its checkpoint.

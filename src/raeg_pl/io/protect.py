@@ -130,16 +130,16 @@ def protect_folder(
     run.summary.ignored = ignored
     folder = run.folder
 
-    def protect(chunk: list[tuple[str, str, DecodedImage, dict[str, Any]]]) -> None:
+    def protect(chunk: list[tuple[str, str, DecodedImage, dict[str, Any], np.ndarray]]) -> None:
         try:
-            planes = [key_planes(img, channels) for _, _, img, _ in chunk]
+            planes = [c[4] for c in chunk]
             x = np.stack(planes)
-            y = [pkey.classes.index(m["label"]) for *_, m in chunk] if pkey.conditional else None
+            y = [pkey.classes.index(c[3]["label"]) for c in chunk] if pkey.conditional else None
             protected = apply_protector(
                 net, x, y, tile=tile, batch_size=None, device=dev, refine_steps=refine_steps
             ).numpy()
             results = []
-            for k, ((rel, out_rel, img, meta), prot) in enumerate(zip(chunk, protected)):
+            for k, ((rel, out_rel, img, meta, _), prot) in enumerate(zip(chunk, protected)):
                 png = encode_png(prot, img.alpha, meta.get("label") if pkey.conditional else None)
                 entry = {**meta, "sha256": sha256_bytes(png), "tile": tile}
                 if refine_steps:
@@ -201,7 +201,7 @@ def protect_folder(
                 continue
             try:
                 img = decode_image(data)
-                key_planes(img, channels)  # refused now, before it joins a batch
+                planes = key_planes(img, channels)  # refused now, before it joins a batch
             except ImageDecodeError as e:
                 run.fail(rel, str(e))
                 continue
@@ -222,7 +222,7 @@ def protect_folder(
             if pkey.conditional:
                 meta["label_embedded"] = True
             del data
-            batcher.add((rel, out_rel, img, meta), h, w, tile, index)
+            batcher.add((rel, out_rel, img, meta, planes), h, w, tile, index)
         batcher.flush()
         # Only entries of current inputs that were not just refused: an older output of an
         # input that now fails (edited into a corrupt file, say) no longer belongs here.
