@@ -15,6 +15,11 @@ that the sidecar codes. Prints, in bits per pixel:
   given its quantised prediction and local activity, measured on the other half. An
   adaptive coder with that model could get near it; no coder without a better restore can
   get far below it.
+- the log-determinant floor: ``-log2|det dG/dx|`` per pixel (the invertible protector's
+  :meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`), the bits that
+  rounding the protected image to 8 bits loses: about that many 8-bit originals store to
+  the same protected file, so no sidecar coder can go below it (clipped pixels lose more).
+  A coder that knew the inverse's whole Jacobian could approach it.
 
 With ``--refine N`` the stored images come from restore-aware rounding
 (:func:`raeg_pl.io.apply.restore_aware_rounding`, ``raeg protect --refine N``): the same
@@ -116,7 +121,8 @@ def main() -> None:
     picked = [s for k in range(len(classes)) for s in [t for t in samples if t[1] == k][:per_class]]
     residuals, bodies = [], {"format 1 (zlib/bz2)": 0, "format 2 (WebP lossless / LZMA)": 0}
     webp_images, originals, protected = [], [], []
-    protect_s = 0.0
+    protect_s, lost_bits = 0.0, 0.0
+    log_det = getattr(key.net, "forward_log_det", None)
     for rel, idx in picked:
         rgb = decode_image(read_source_bytes(Path(args.input) / rel)).rgb.transpose(2, 0, 1)
         label = [key.classes.index(classes[idx])] if key.classes else None
@@ -126,6 +132,11 @@ def main() -> None:
         )
         protect_s += time.perf_counter() - t0
         originals.append(rgb)
+        if log_det is not None:
+            with torch.no_grad():
+                x = torch.as_tensor(rgb[None]).float() / 255
+                y = torch.as_tensor(label) if label else None
+                lost_bits -= float(log_det(x, y)[1][0]) / np.log(2)
         protected.append(stored[0].numpy())
         values = protector_values(key.net, stored, label, inverse=True)[0].numpy()
         bodies["format 1 (zlib/bz2)"] += len(encode_residual(rgb, values, codecs=(0, 1)))
@@ -140,6 +151,8 @@ def main() -> None:
     figures["order-0 entropy"] = entropy_bits(res) / pixels
     bits, coded = context_model_bits(res)
     figures["context model (held-out half)"] = bits / coded
+    if log_det is not None:
+        figures["log-determinant floor"] = lost_bits / pixels
     figures["restore PSNR (dB)"] = float(10 * np.log10(255**2 / np.mean(res.astype(float) ** 2)))
     figures["exact values (%)"] = float(100 * np.mean(res == 0))
     orig = np.stack(originals)

@@ -205,3 +205,33 @@ def test_unrolled_pirate_adds_its_weighted_loss_and_trains_between_steps(surroga
 def test_bad_unroll_settings_are_refused(surrogate, kwargs, name):
     with pytest.raises(ValueError, match=name):
         module(surrogate, **kwargs)
+
+
+def test_volume_term_adds_the_weighted_lost_bits_and_lowers_them(surrogate):
+    images, labels = batch()
+    identity = module(surrogate).curriculum.identity
+    with torch.no_grad():  # the loss of storage, computed here from the Jacobian's log-det
+        _, log_det = module(surrogate).protector.forward_log_det(images, labels)
+    lost = float((-log_det / images[0].numel()).clamp(min=0).mean())
+    assert lost > 0
+    on, _ = bare_step(module(surrogate, l_volume=2.0), images, labels, identity)
+    off, _ = bare_step(module(surrogate), images, labels, identity)
+    assert float(on.detach()) - float(off.detach()) == pytest.approx(2.0 * lost, rel=1e-4)
+    # Gradient steps on the term alone shrink what storage loses.
+    model = module(surrogate, l_volume=1.0)
+    opt = torch.optim.SGD(model.protector.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        _, ld = model.protector.forward_log_det(images, labels)
+        (-ld / images[0].numel()).clamp(min=0).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        _, ld = model.protector.forward_log_det(images, labels)
+    assert float((-ld / images[0].numel()).clamp(min=0).mean()) < 0.5 * lost
+
+
+def test_bad_volume_settings_are_refused(surrogate):
+    with pytest.raises(ValueError, match="l_volume"):
+        module(surrogate, l_volume=-1.0)
+    with pytest.raises(ValueError, match="l_volume needs .*'encdec'"):
+        module(surrogate, l_volume=1.0, generator="encdec")

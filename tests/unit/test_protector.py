@@ -235,3 +235,27 @@ def test_gradients_reach_the_label_embedding() -> None:
     grad = g.embed.weight.grad
     assert grad[:2].abs().sum(dim=1).min() > 0  # used labels get gradient
     assert grad[2:].abs().sum() == 0  # unused ones do not
+
+
+@pytest.mark.parametrize(("size", "num_classes"), [((8, 8), 0), ((5, 7), 0), ((8, 4), 3)])
+def test_log_det_is_the_jacobians(size: tuple[int, int], num_classes: int) -> None:
+    """``forward_log_det`` gives ``log|det dG/dx|`` of the whole map, padding and labels
+    included: the autograd Jacobian's log-determinant, on a network far from the identity."""
+    model = InvertibleProtector(
+        levels=2, blocks_per_level=1, hidden_channels=8, num_classes=num_classes
+    )
+    _perturb(model, scale=0.05)  # larger: float32 Jacobians too ill-conditioned to check
+    x = torch.rand(1, 3, *size)
+    labels = torch.tensor([2]) if num_classes else None
+    y, log_det = model.forward_log_det(x, labels)
+    torch.testing.assert_close(y, model(x, labels))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: model(v.reshape(x.shape), labels).reshape(-1), x.reshape(-1)
+    )
+    sign, expected = torch.linalg.slogdet(jac.double())
+    assert sign != 0
+    assert abs(float(log_det[0]) - float(expected)) < 1e-3 * max(1.0, abs(float(expected)))
+    assert abs(float(expected)) > 0.1  # the perturbed network is not volume-preserving
+    # An untrained protector is the identity: log-determinant 0.
+    fresh = InvertibleProtector(levels=2, blocks_per_level=1, hidden_channels=8)
+    assert float(fresh.forward_log_det(x)[1].abs().max()) == 0.0

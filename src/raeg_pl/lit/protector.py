@@ -221,6 +221,12 @@ class ProtectorLitModule(L.LightningModule):
             ``unroll_width`` channels wide, trains one step per batch on the protected
             batch and starts again from new weights every ``unroll_reset`` steps (it is not
             in the checkpoint: a resumed fit starts a new one).
+        l_volume: weight of the bits per value that storing the protected image in 8 bits
+            loses (0: off): ``max(0, -log|det dG/dx|) / (C H W)`` (nats), from
+            :meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`. A
+            generator that shrinks volume maps many 8-bit originals to one stored file; what
+            they differ by is what restore cannot recover and what a lossless sidecar must
+            carry. Counted from the first step (``"invertible"`` only).
         train_defenses: defence specs of the curriculum, easiest first (empty: none): image
             defence specs (``"jpeg_random:qmin=10,qmax=95"``, ``"gray"``...) and
             ``"classpattern[:sigma=S]"`` (:class:`LabelledTrainingDefense`).
@@ -255,6 +261,7 @@ class ProtectorLitModule(L.LightningModule):
         l_jpegkeep: float = 0.0,
         jpegkeep_quality: int = 10,
         l_unroll: float = 0.0,
+        l_volume: float = 0.0,
         unroll_steps: int = 2,
         unroll_lr: float = 0.1,
         unroll_width: int = 16,
@@ -308,6 +315,13 @@ class ProtectorLitModule(L.LightningModule):
             raise ValueError(f"jpegkeep_quality must be in [1, 100], got {jpegkeep_quality}")
         if l_unroll < 0:
             raise ValueError(f"l_unroll must be >= 0, got {l_unroll}")
+        if l_volume < 0:
+            raise ValueError(f"l_volume must be >= 0, got {l_volume}")
+        if l_volume and not hasattr(self.protector, "forward_log_det"):
+            raise ValueError(
+                f"l_volume needs a generator with a tractable Jacobian ('invertible'), "
+                f"got {generator!r}"
+            )
         # Checked (its arguments) whether on or off, so a bad setting fails at once.
         pirate = UnrolledPirate(
             in_channels,
@@ -391,7 +405,12 @@ class ProtectorLitModule(L.LightningModule):
         hp = self.hparams
         images, labels = batch
         step = self.global_step
-        protected = self.protector(images, labels)
+        log_det = getattr(self.protector, "forward_log_det", None)
+        if log_det is not None:
+            protected, log_det = log_det(images, labels)
+            lost = (-log_det / images[0].numel()).clamp(min=0).mean()
+        else:
+            protected, lost = self.protector(images, labels), None
         stored = quantize_ste(protected)
         recovered = self.protector.inverse(stored, labels)
         l_fid = fidelity_loss(protected, images)
@@ -399,6 +418,11 @@ class ProtectorLitModule(L.LightningModule):
         l_range = range_penalty(protected, hp.range_loss, hp.range_margin)
         w_img = self.controller.weight if hp.psnr_target else hp.l_img
         loss = w_img * l_fid + hp.l_rec * l_rec + hp.l_range * l_range
+        if hp.l_volume > 0:
+            loss = loss + hp.l_volume * lost
+        if lost is not None:
+            # Bits per value that 8-bit storage loses (see ``l_volume``).
+            self.log("train/lost_bits", lost.detach() / math.log(2))
         w_adv = self.adv_weight(step)
         # Logged always; differentiated only when it is a loss term.
         penalise = hp.l_classmean > 0 and w_adv > 0
