@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from raeg_pl.lit.protector import LabelledTrainingDefense, ProtectorLitModule
+from raeg_pl.losses import lost_to_storage
 from raeg_pl.metrics import classmean_share
 from raeg_pl.stages.check import build_classifier, save_classifier_checkpoint
 
@@ -212,7 +213,7 @@ def test_volume_term_adds_the_weighted_lost_bits_and_lowers_them(surrogate):
     identity = module(surrogate).curriculum.identity
     with torch.no_grad():  # the loss of storage, computed here from the Jacobian's log-det
         _, log_det = module(surrogate).protector.forward_log_det(images, labels)
-    lost = float((-log_det / images[0].numel()).clamp(min=0).mean())
+    lost = float(lost_to_storage(log_det, images[0].numel()))
     assert lost > 0
     on, _ = bare_step(module(surrogate, l_volume=2.0), images, labels, identity)
     off, _ = bare_step(module(surrogate), images, labels, identity)
@@ -223,11 +224,11 @@ def test_volume_term_adds_the_weighted_lost_bits_and_lowers_them(surrogate):
     for _ in range(3):
         opt.zero_grad()
         _, ld = model.protector.forward_log_det(images, labels)
-        (-ld / images[0].numel()).clamp(min=0).mean().backward()
+        lost_to_storage(ld, images[0].numel()).backward()
         opt.step()
     with torch.no_grad():
         _, ld = model.protector.forward_log_det(images, labels)
-    assert float((-ld / images[0].numel()).clamp(min=0).mean()) < 0.5 * lost
+    assert float(lost_to_storage(ld, images[0].numel())) < 0.5 * lost
 
 
 def test_bad_volume_settings_are_refused(surrogate):

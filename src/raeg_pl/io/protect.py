@@ -132,14 +132,13 @@ def protect_folder(
 
     def protect(chunk: list[tuple[str, str, DecodedImage, dict[str, Any], np.ndarray]]) -> None:
         try:
-            planes = [c[4] for c in chunk]
-            x = np.stack(planes)
-            y = [pkey.classes.index(c[3]["label"]) for c in chunk] if pkey.conditional else None
+            x = np.stack([item[-1] for item in chunk])
+            y = [pkey.classes.index(m["label"]) for *_, m, _ in chunk] if pkey.conditional else None
             protected = apply_protector(
                 net, x, y, tile=tile, batch_size=None, device=dev, refine_steps=refine_steps
             ).numpy()
             results = []
-            for k, ((rel, out_rel, img, meta, _), prot) in enumerate(zip(chunk, protected)):
+            for k, ((rel, out_rel, img, meta, planes), prot) in enumerate(zip(chunk, protected)):
                 png = encode_png(prot, img.alpha, meta.get("label") if pkey.conditional else None)
                 entry = {**meta, "sha256": sha256_bytes(png), "tile": tile}
                 if refine_steps:
@@ -150,7 +149,7 @@ def protect_folder(
                         net, prot[None], None if y is None else y[k : k + 1],
                         inverse=True, tile=tile, device=dev,
                     )[0].numpy()  # fmt: skip
-                    residual = encode_residual(planes[k], values, lossless_margin)
+                    residual = encode_residual(planes, values, lossless_margin)
                     entry["sidecar"] = {
                         "file": out_rel + SIDECAR_SUFFIX,
                         "sha256": sha256_bytes(residual),

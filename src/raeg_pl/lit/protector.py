@@ -21,6 +21,7 @@ from raeg_pl.losses import (
     fidelity_loss,
     keep_classifiable_loss,
     label_permutation,
+    lost_to_storage,
     psnr,
     quantize_ste,
     range_penalty,
@@ -408,7 +409,7 @@ class ProtectorLitModule(L.LightningModule):
         log_det = getattr(self.protector, "forward_log_det", None)
         if log_det is not None:
             protected, log_det = log_det(images, labels)
-            lost = (-log_det / images[0].numel()).clamp(min=0).mean()
+            lost = lost_to_storage(log_det, images[0].numel())
         else:
             protected, lost = self.protector(images, labels), None
         stored = quantize_ste(protected)

@@ -12,6 +12,7 @@ from raeg_pl.losses.controller import PSNRController
 from raeg_pl.losses.fidelity import (
     RANGE_LOSSES,
     fidelity_loss,
+    lost_to_storage,
     out_of_range_penalty,
     psnr,
     quantize_ste,
@@ -27,6 +28,7 @@ __all__ = [
     "fidelity_loss",
     "keep_classifiable_loss",
     "label_permutation",
+    "lost_to_storage",
     "out_of_range_penalty",
     "psnr",
     "quantize_ste",

@@ -17,6 +17,7 @@ from raeg_pl.utils.quantize import quantize_ste
 __all__ = [
     "RANGE_LOSSES",
     "fidelity_loss",
+    "lost_to_storage",
     "out_of_range_penalty",
     "psnr",
     "quantize_ste",
@@ -57,6 +58,21 @@ def recovery_loss(recovered: torch.Tensor, original: torch.Tensor) -> torch.Tens
         Scalar mean squared error over all elements.
     """
     return F.mse_loss(recovered, original)
+
+
+def lost_to_storage(log_det: torch.Tensor, values: int) -> torch.Tensor:
+    """What 8-bit storage of the protected image loses, in nats per value (the protector's
+    ``l_volume`` term): ``mean(max(0, -log|det dG/dx|) / values)`` over the batch.
+
+    Args:
+        log_det: (B,) ``log|det dG/dx|`` per image
+            (:meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`).
+        values: values per image (``C * H * W``).
+
+    Returns:
+        Scalar; 0 when the generator shrinks no image's volume.
+    """
+    return (-log_det / values).clamp(min=0).mean()
 
 
 def out_of_range_penalty(x: torch.Tensor) -> torch.Tensor:
