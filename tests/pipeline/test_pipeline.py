@@ -92,6 +92,10 @@ def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, ca
     assert (run / "owner.raegkey").stat().st_mtime_ns == key_stamp
     for stage in ("surrogate_0", "protector", "export", "pirate_none", "authorized"):
         assert json.loads((run / stage / "recipe.json").read_text())["hash"]
+    # One copy of each trained model's weights on disk: a run's size is its models, once.
+    for stage in ("surrogate_0", "protector", "pirate_none", "authorized"):
+        files = [p.name for p in (run / stage / "checkpoints").iterdir() if not p.is_symlink()]
+        assert files == ["latest.ckpt"], (stage, files)
 
     # A changed recipe is refused, naming the stage folder and the key, and nothing is
     # touched; moving the data root (not part of any recipe) changes nothing.

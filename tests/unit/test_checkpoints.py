@@ -32,3 +32,7 @@ def test_an_interrupted_fit_resumes_from_its_last_epoch(
     fit_fake_classifier(stage, 3, [], monitor=monitor, ckpt_path=str(last))
     assert torch.load(last, weights_only=False)["epoch"] == 2
     assert (last.parent / "best.ckpt").is_file() == (monitor is not None)
+    # last.ckpt names the newest epoch's file instead of holding a second copy of it.
+    assert last.is_symlink() and last.resolve() == (last.parent / "latest.ckpt").resolve()
+    copies = [p.name for p in last.parent.iterdir() if not p.is_symlink()]
+    assert sorted(copies) == sorted(["latest.ckpt"] + (["best.ckpt"] if monitor else []))

@@ -177,7 +177,9 @@ def train_classifier(
     model = ClassifierLitModule(
         **{**model_cfg, "num_classes": dm.num_classes, "in_chans": dm.channels}
     )
-    trainer, history = make_trainer(stage_dir, trainer_cfg, max_epochs, wandb, monitor="val/acc")
+    # No best-epoch checkpoint: the results keep the whole clean-test curve, and nothing
+    # reloads a classifier but from its last epoch (one checkpoint per pirate on disk).
+    trainer, history = make_trainer(stage_dir, trainer_cfg, max_epochs, wandb, monitor=None)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(stage_dir))
     fit_s = time.perf_counter() - t0

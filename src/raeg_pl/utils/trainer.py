@@ -284,9 +284,10 @@ def run_callbacks(
         # Lightning writes last.ckpt only in a step where a top-k checkpoint was written (for
         # a monitored metric: only when it improved), so an unmonitored checkpoint whose one
         # slot holds the newest epoch writes it: a stage stopped mid-training resumes from
-        # its last finished epoch, not from its best one or from scratch.
+        # its last finished epoch, not from its best one or from scratch. last.ckpt is a
+        # link to latest.ckpt, not a second copy of the same weights.
         callbacks.append(
-            ModelCheckpoint(dirpath=dirpath, filename="latest", save_last=True, save_top_k=1)
+            ModelCheckpoint(dirpath=dirpath, filename="latest", save_last="link", save_top_k=1)
         )
         if monitor:
             callbacks.append(
