@@ -299,6 +299,11 @@ def test_a_tiny_grid_trains_a_pirate_with_each_new_defence(data_root, cache_dir,
         model = recipe["spec"]["model"]
         assert (model.get("train_augment") == "ueraser") == (defense == "ueraser")
         assert (model.get("adv_train_eps") == 8.0) == defense.startswith("adv_train")
+        # The learned inverse's fit and how close it came are kept with the pirate's results.
+        stats = res.get("defense_stats", {})
+        assert (stats.get("pairs"), stats.get("heldout_images")) == (
+            (10, 100 - 10) if leaf.startswith("inverse") else (None, None)
+        )
     # classpattern and inverse record their canonical spec, defaults included.
     for leaf, canonical in (
         ("inverse_k10_steps3", "inverse:k=10,steps=3"),
@@ -335,3 +340,57 @@ def test_inverse_fails_clearly_when_a_leaked_pair_has_no_clean_original(
     )
     with pytest.raises(DatasetError, match=r"no clean original of \d leaked pair"):
         dm.setup()
+
+
+@pytest.mark.data
+def test_inverse_records_how_close_it_brings_the_pirates_images(data_root, cache_dir, tmp_path):
+    """The datamodule reports the inverse's PSNR on the leaked pairs and on the other
+    training images, before and after: the evaluator's view of how much it undid."""
+    from raeg_pl.data.datamodule import ImageClassificationDataModule
+    from raeg_pl.metrics.image_quality import psnr_db
+
+    root = tmp_path / "ds"
+    train, clean = tmp_path / "protected" / "train", tmp_path / "clean" / "train"
+    for name in ("airplane", "cat"):
+        for folder in (train, clean, root / "train", root / "test"):
+            (folder / name).mkdir(parents=True)
+        sources = sorted((data_root / "cifar10" / "train" / name).iterdir())[:30]
+        for k, src in enumerate(sources):
+            img = np.asarray(Image.open(src).convert("RGB"))
+            Image.fromarray(img).save(clean / name / (src.stem + ".png"))
+            # A class-wise brightness shift: an inverse with class offsets undoes it.
+            shift = 24 if name == "cat" else -24
+            Image.fromarray(np.clip(img.astype(int) + shift, 0, 255).astype(np.uint8)).save(
+                train / name / (src.stem + ".png")
+            )
+            if k < 2:
+                Image.fromarray(img).save(root / "train" / name / (src.stem + ".png"))
+                Image.fromarray(img).save(root / "test" / name / (src.stem + ".png"))
+    dm = ImageClassificationDataModule(
+        dataset="ds",
+        data_dir=str(tmp_path),
+        cache_dir=str(cache_dir),
+        val_per_class=5,
+        train_dir=str(train),
+        train_defense="inverse:k=10,steps=150",
+        clean_train_dir=str(clean),
+        download=False,
+    )
+    dm.setup()
+    stats = dm.train_defense_stats
+    assert stats["pairs"] == 10 and stats["heldout_images"] == 50 - 10
+    assert stats["heldout_psnr_after"] > stats["heldout_psnr_before"] + 3, stats
+    assert stats["pair_psnr_after"] > stats["pair_psnr_before"] + 3, stats
+
+    # The "before" figure is the shift's own PSNR: measured here on all 50 training images
+    # (the held-out 40 are a subset of them).
+    def load(folder):
+        return torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(folder / f))).permute(2, 0, 1)
+                for f in dm.train_files
+            ]
+        )
+
+    shifted = float(psnr_db(load(train), load(clean)).mean())
+    assert abs(stats["heldout_psnr_before"] - shifted) < 1.0, (stats, shifted)

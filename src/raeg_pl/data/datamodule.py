@@ -573,7 +573,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 images, labels, self.num_classes, defense.params["sigma"], self.train_indices
             )
         if defense.kind == "paired":
-            pairs, clean = self._leaked_pairs(train_full, int(defense.params["k"]))
+            clean_split = self._clean_split()
+            pairs, clean = self._leaked_pairs(train_full, int(defense.params["k"]), clean_split)
             restored, stats = learned_inverse_uint8(
                 images,
                 labels,
@@ -583,6 +584,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 steps=int(defense.params["steps"]),
                 seed=self.seed,
             )
+            stats.update(self._inverse_quality(train_full, restored, pairs, clean_split))
             self.train_defense_stats = stats
             return restored
         raise ValueError(
@@ -590,22 +592,73 @@ class ImageClassificationDataModule(L.LightningDataModule):
             f"give the classifier {defense.model} instead"
         )
 
-    def _leaked_pairs(self, train_full: DecodedSplit, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A seeded choice of ``k`` training images and their clean originals.
-
-        Returns:
-            ``(indices, clean)``: (k,) indices into the training folder and (k, C, H, W)
-            uint8 originals, read from :attr:`clean_train_dir` by relative file name.
+    def _clean_split(self) -> DecodedSplit:
+        """The clean originals of the training folder (:attr:`clean_train_dir`), decoded.
 
         Raises:
-            DatasetError: no clean folder, too few training images, or a chosen file
-                missing from the clean folder (named), or of another size.
+            DatasetError: no clean folder given.
         """
         if self.clean_train_dir is None:
             raise DatasetError(
                 f"train_defense {self.train_defense!r} needs clean_train_dir: the clean "
                 f"originals of {self.train_dir or 'the training folder'}"
             )
+        mode = "L" if self.channels == 1 else "RGB"
+        clean, _, _ = load_split_cached(self.clean_train_dir, self.cache_dir, mode, self.image_size)
+        return clean
+
+    def _inverse_quality(
+        self,
+        train_full: DecodedSplit,
+        restored: torch.Tensor,
+        pairs: torch.Tensor,
+        clean: DecodedSplit,
+    ) -> dict:
+        """How close the learned inverse brings the pirate's images to their originals.
+
+        Mean per-image PSNR (dB) against the clean originals, before and after the inverse,
+        on the leaked pairs and on the pirate's other training images (``heldout_*``: what
+        the evaluator sees and the pirate cannot measure; images without a clean original
+        are left out).
+        """
+        from raeg_pl.metrics.image_quality import psnr_db
+
+        where = {f: i for i, f in enumerate(clean.files)}
+        leaked = set(pairs.tolist())
+        held = [
+            i
+            for i in self.train_indices.tolist()
+            if i not in leaked and train_full.files[i] in where
+        ]
+        out: dict = {"heldout_images": len(held)}
+        for name, idx in (("pair", pairs.tolist()), ("heldout", held)):
+            if not idx:
+                continue
+            originals = clean.images[[where[train_full.files[i]] for i in idx]]
+            if originals.shape[1:] != restored.shape[1:]:
+                return out  # _leaked_pairs names this mismatch; nothing to measure
+            for when, imgs in (("before", train_full.images[idx]), ("after", restored[idx])):
+                out[f"{name}_psnr_{when}"] = round(float(psnr_db(imgs, originals).mean()), 3)
+        return out
+
+    def _leaked_pairs(
+        self, train_full: DecodedSplit, k: int, clean: DecodedSplit
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded choice of ``k`` training images and their clean originals.
+
+        Args:
+            train_full: the (protected) training folder.
+            k: pairs to leak.
+            clean: :meth:`_clean_split`.
+
+        Returns:
+            ``(indices, clean)``: (k,) indices into the training folder and (k, C, H, W)
+            uint8 originals, read from :attr:`clean_train_dir` by relative file name.
+
+        Raises:
+            DatasetError: too few training images, or a chosen file missing from the clean
+                folder (named), or of another size.
+        """
         if k > len(self.train_indices):
             raise DatasetError(
                 f"train_defense {self.train_defense!r}: {k} leaked pairs asked for, only "
@@ -613,8 +666,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
             )
         g = torch.Generator().manual_seed(self.seed + 104_729)
         chosen = self.train_indices[torch.randperm(len(self.train_indices), generator=g)[:k]]
-        mode = "L" if self.channels == 1 else "RGB"
-        clean, _, _ = load_split_cached(self.clean_train_dir, self.cache_dir, mode, self.image_size)
         where = {f: i for i, f in enumerate(clean.files)}
         missing = [train_full.files[i] for i in chosen.tolist() if train_full.files[i] not in where]
         if missing:

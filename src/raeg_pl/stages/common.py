@@ -201,6 +201,7 @@ def train_classifier(
         "data": data_cfg,
         "max_epochs": max_epochs,
         "seed": seed,
+        **({"defense_stats": dm.train_defense_stats} if dm.train_defense_stats else {}),
         **(extra or {}),
     }
     write_results(
