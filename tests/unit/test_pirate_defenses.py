@@ -315,11 +315,28 @@ def test_a_tiny_grid_trains_a_pirate_with_each_new_defence(data_root, cache_dir,
         assert recorded["recipe"]["defense"] == canonical
 
 
+def _paired_datamodule(tmp_path: Path, cache_dir: Path, val_per_class: int, defense: str):
+    """A data module on ``<tmp>/ds`` training on ``<tmp>/protected/train`` with ``defense``,
+    whose clean originals are in ``<tmp>/clean/train``."""
+    from raeg_pl.data.datamodule import ImageClassificationDataModule
+
+    return ImageClassificationDataModule(
+        dataset="ds",
+        data_dir=str(tmp_path),
+        cache_dir=str(cache_dir),
+        val_per_class=val_per_class,
+        train_dir=str(tmp_path / "protected" / "train"),
+        train_defense=defense,
+        clean_train_dir=str(tmp_path / "clean" / "train"),
+        download=False,
+    )
+
+
 @pytest.mark.data
 def test_inverse_fails_clearly_when_a_leaked_pair_has_no_clean_original(
     data_root, cache_dir, tmp_path
 ):
-    from raeg_pl.data.datamodule import DatasetError, ImageClassificationDataModule
+    from raeg_pl.data.datamodule import DatasetError
 
     root = tmp_path / "ds"
     train, clean = tmp_path / "protected" / "train", tmp_path / "clean" / "train"
@@ -328,16 +345,7 @@ def test_inverse_fails_clearly_when_a_leaked_pair_has_no_clean_original(
             (folder / name).mkdir(parents=True)
             for src in sorted((data_root / "cifar10" / "train" / name).iterdir())[:n]:
                 Image.open(src).save(folder / name / (src.stem + ".png"))
-    dm = ImageClassificationDataModule(
-        dataset="ds",
-        data_dir=str(tmp_path),
-        cache_dir=str(cache_dir),
-        val_per_class=1,
-        train_dir=str(train),
-        train_defense="inverse:k=10,steps=1",
-        clean_train_dir=str(clean),
-        download=False,
-    )
+    dm = _paired_datamodule(tmp_path, cache_dir, 1, "inverse:k=10,steps=1")
     with pytest.raises(DatasetError, match=r"no clean original of \d leaked pair"):
         dm.setup()
 
@@ -346,7 +354,6 @@ def test_inverse_fails_clearly_when_a_leaked_pair_has_no_clean_original(
 def test_inverse_records_how_close_it_brings_the_pirates_images(data_root, cache_dir, tmp_path):
     """The datamodule reports the inverse's PSNR on the leaked pairs and on the other
     training images, before and after: the evaluator's view of how much it undid."""
-    from raeg_pl.data.datamodule import ImageClassificationDataModule
     from raeg_pl.metrics.image_quality import psnr_db
 
     root = tmp_path / "ds"
@@ -366,16 +373,7 @@ def test_inverse_records_how_close_it_brings_the_pirates_images(data_root, cache
             if k < 2:
                 Image.fromarray(img).save(root / "train" / name / (src.stem + ".png"))
                 Image.fromarray(img).save(root / "test" / name / (src.stem + ".png"))
-    dm = ImageClassificationDataModule(
-        dataset="ds",
-        data_dir=str(tmp_path),
-        cache_dir=str(cache_dir),
-        val_per_class=5,
-        train_dir=str(train),
-        train_defense="inverse:k=10,steps=150",
-        clean_train_dir=str(clean),
-        download=False,
-    )
+    dm = _paired_datamodule(tmp_path, cache_dir, 5, "inverse:k=10,steps=150")
     dm.setup()
     stats = dm.train_defense_stats
     assert stats["pairs"] == 10 and stats["heldout_images"] == 50 - 10
