@@ -619,7 +619,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         Mean per-image PSNR (dB) against the clean originals, before and after the inverse,
         on the leaked pairs and on the pirate's other training images (``heldout_*``: what
         the evaluator sees and the pirate cannot measure; images without a clean original
-        are left out).
+        are left out). Runs after :meth:`_leaked_pairs`, which has checked the sizes.
         """
         from raeg_pl.metrics.image_quality import psnr_db
 
@@ -635,8 +635,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
             if not idx:
                 continue
             originals = clean.images[[where[train_full.files[i]] for i in idx]]
-            if originals.shape[1:] != restored.shape[1:]:
-                return out  # _leaked_pairs names this mismatch; nothing to measure
             for when, imgs in (("before", train_full.images[idx]), ("after", restored[idx])):
                 out[f"{name}_psnr_{when}"] = round(float(psnr_db(imgs, originals).mean()), 3)
         return out
