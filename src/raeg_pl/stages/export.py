@@ -22,12 +22,17 @@ from raeg_pl.utils.run import write_results
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``model`` on uint8 images (N, C, H, W), in batches of 500."""
+    """Top-1 accuracy of ``model`` on uint8 images (N, C, H, W), in batches of 500.
+
+    The batches go to the model's device (a method may have moved its surrogate to the GPU
+    while the images stay in host memory)."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else images.device
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), 500):
-            logits = model(images[i : i + 500].float() / 255)
-            correct += int((logits.argmax(1) == labels[i : i + 500]).sum())
+            logits = model(images[i : i + 500].to(device).float() / 255)
+            correct += int((logits.argmax(1).cpu() == labels[i : i + 500].cpu()).sum())
     return correct / max(1, len(images))
 
 
