@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from raeg_pl.config import load_grid_config, validate_grid_config
@@ -19,6 +20,7 @@ from raeg_pl.defenses.pirate import (
     InverseNet,
     class_pattern_removal,
     class_patterns,
+    fit_inverse,
     learned_inverse_uint8,
     parse_pirate_defense,
     remove_class_patterns_uint8,
@@ -61,6 +63,10 @@ NEW_SPECS = {
     "classpattern:3": ("classpattern:sigma=3", "labelled"),
     "inverse:k=100": ("inverse:k=100,steps=300", "paired"),
     "inverse:K=1000,steps=50": ("inverse:k=1000,steps=50", "paired"),
+    # restarts came later: at its default the canonical spec (and so every earlier recipe)
+    # is unchanged.
+    "inverse:k=100,restarts=1": ("inverse:k=100,steps=300", "paired"),
+    "inverse:k=100,restarts=4": ("inverse:k=100,steps=300,restarts=4", "paired"),
     "adv_train:eps=8,steps=4": ("adv_train:eps=8,steps=4", "training"),
     "ueraser": ("ueraser", "training"),
     "UEraser": ("ueraser", "training"),
@@ -212,6 +218,36 @@ def test_same_seed_same_inverse():
         for s in (0, 0, 1)
     ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_restarts_go_on_with_the_initialisation_that_fits_the_pairs_best():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(30, 226, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(64) % 4
+    shift = torch.tensor([-20, -8, 8, 20]).view(4, 1, 1, 1)
+    protected = (clean.int() + shift[labels]).clamp(0, 255).to(torch.uint8)
+
+    def mse(net):
+        with torch.no_grad():
+            return F.mse_loss(net(from_uint8(protected), labels), from_uint8(clean)).item()
+
+    one = fit_inverse(protected, clean, labels, 4, steps=60, seed=0)
+    assert one.restart_pair_mse == []
+    same = fit_inverse(protected, clean, labels, 4, steps=60, seed=0, restarts=1)
+    assert all(
+        torch.equal(a, b) for a, b in zip(one.state_dict().values(), same.state_dict().values())
+    )
+    best = fit_inverse(protected, clean, labels, 4, steps=60, seed=0, restarts=3)
+    trials = best.restart_pair_mse
+    assert len(trials) == 3 and len(set(trials)) == 3  # three different initialisations
+    # The kept one went on from the best trial (6 of 60 steps) and ends below it.
+    assert mse(best) < min(trials) < mse(InverseNet(3, 4, (8, 8)))
+    _, stats = learned_inverse_uint8(
+        protected, labels, 4, torch.arange(64), clean, steps=20, restarts=2
+    )
+    assert stats["restarts"] == 2 and len(stats["restart_pair_mse"]) == 2
+    with pytest.raises(ValueError, match="restarts"):
+        fit_inverse(protected, clean, labels, 4, steps=5, restarts=0)
 
 
 # ----------------------------------------------------------------- UEraser

@@ -583,6 +583,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 clean,
                 steps=int(defense.params["steps"]),
                 seed=self.seed,
+                restarts=int(defense.params["restarts"]),
             )
             stats.update(self._inverse_quality(train_full, restored, pairs, clean_split))
             self.train_defense_stats = stats

@@ -100,6 +100,14 @@ _PARAMS: dict[str, tuple[Param, ...]] = {
     "inverse": (
         Param("k", int, 100, low=1, doc="leaked clean/protected pairs"),
         Param("steps", int, INVERSE_STEPS, low=1, high=100_000, doc="training steps"),
+        Param(
+            "restarts",
+            int,
+            1,
+            low=1,
+            high=32,
+            doc="initialisations tried for a tenth of the steps each; the best on the pairs goes on",
+        ),
     ),
     "ueraser": (),
 }
@@ -113,8 +121,12 @@ _KINDS = {
 PIRATE_DEFENSES = MappingProxyType(dict(_KINDS))
 _USAGE = (
     "pirate defences: none, any image defence (jpeg:q=Q, gray, blur:sigma=S, ...), "
-    "adv_train:eps=E,steps=N, classpattern:sigma=S, inverse:k=K[,steps=N], ueraser"
+    "adv_train:eps=E,steps=N, classpattern:sigma=S, inverse:k=K[,steps=N,restarts=R], ueraser"
 )
+#: Parameters added after grids had recorded canonical specs in their stage recipes: at these
+#: defaults they are left out of the canonical spec, so those recipes (and their cells) stay
+#: valid; the behaviour at the default is the one those runs had.
+_LATER_PARAMS: dict[str, dict[str, int | float]] = {"inverse": {"restarts": 1}}
 
 
 def _fmt(value: int | float) -> str:
@@ -149,15 +161,18 @@ class PirateDefense:
 
     @property
     def spec(self) -> str:
-        """Canonical spec, every parameter written out (``"inverse:k=100,steps=300"``)."""
+        """Canonical spec, every parameter written out (``"inverse:k=100,steps=300"``; a
+        parameter of :data:`_LATER_PARAMS` only when it is not at its default)."""
         if self.kind == "image":
             return get_defense(self.name + "".join(self._args())).spec
         return self.name + "".join(self._args())
 
     def _args(self) -> list[str]:
-        if not self.params:
+        later = _LATER_PARAMS.get(self.name, {})
+        shown = {k: v for k, v in self.params.items() if k not in later or later[k] != v}
+        if not shown:
             return []
-        return [":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params.items())]
+        return [":" + ",".join(f"{k}={_fmt(v)}" for k, v in shown.items())]
 
     @property
     def data(self) -> str | None:
@@ -185,7 +200,7 @@ def parse_pirate_defense(spec: str) -> PirateDefense:
 
     Args:
         spec: ``"none"``, an image defence spec, or ``adv_train[:eps=E,steps=N]``,
-            ``classpattern[:sigma=S]``, ``inverse[:k=K,steps=N]``, ``ueraser``; values may be
+            ``classpattern[:sigma=S]``, ``inverse[:k=K,steps=N,restarts=R]``, ``ueraser``; values may be
             positional in parameter order (``"inverse:1000"``).
 
     Returns:
@@ -419,12 +434,19 @@ def fit_inverse(
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    restarts: int = 1,
 ) -> InverseNet:
     """Fits an :class:`InverseNet` to leaked pairs with MSE (Adam, cosine-decayed rate).
 
-    Cost: ``steps`` forward/backward passes of ``batch_size`` 32x32 images through three
-    width-16 convolutions (about 0.6 GFLOP a step); see :data:`INVERSE_STEPS` for the
-    default budget's cost.
+    The fit depends on its initialisation: on `full`'s CIFAR-10 export one initialisation
+    stalls at 35.1 dB where others reach 38-39 dB with the same pairs. With ``restarts`` R > 1
+    the pirate tries R initialisations for the first tenth of the steps each, keeps the one
+    with the lowest MSE on its pairs (what it can measure) and trains it on to ``steps``;
+    R = 1 is one fit, as before the parameter existed.
+
+    Cost: ``steps`` (plus ``(R - 1) * steps // 10``) forward/backward passes of
+    ``batch_size`` 32x32 images through three width-16 convolutions (about 0.6 GFLOP a step);
+    see :data:`INVERSE_STEPS` for the default budget's cost.
 
     Args:
         protected: (K, C, H, W) uint8 protected images.
@@ -434,33 +456,70 @@ def fit_inverse(
         steps: optimiser steps.
         batch_size: pairs per step (all K when fewer).
         lr: peak Adam learning rate.
-        seed: seed of the initialisation and of the batch draws.
+        seed: seed of the initialisation and of the batch draws (restart r uses seed + 7919 r).
+        restarts: initialisations tried.
 
     Returns:
-        The fitted network, in eval mode, on the CPU.
+        The fitted network, in eval mode, on the CPU; its ``restart_pair_mse`` lists each
+        initialisation's MSE on the pairs after the trial steps (empty when R = 1).
     """
     if protected.shape != clean.shape or protected.ndim != 4 or len(labels) != len(clean):
         raise ValueError(
             f"fit_inverse: pairs of equal (K, C, H, W) shape and K labels needed, got "
             f"{tuple(protected.shape)}, {tuple(clean.shape)} and {tuple(labels.shape)}"
         )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = InverseNet(protected.shape[1], num_classes, tuple(protected.shape[-2:]))
+    if restarts < 1:
+        raise ValueError(f"fit_inverse: restarts must be >= 1, got {restarts}")
     x_all, y_all = from_uint8(protected), from_uint8(clean)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     b = min(batch_size, len(x_all))
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x_all), (b,), generator=gen)
-        loss = F.mse_loss(net(x_all[idx], labels[idx]), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval()
+
+    def start(r: int):
+        gen = torch.Generator().manual_seed(seed + 7919 * r)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919 * r)
+            net = InverseNet(protected.shape[1], num_classes, tuple(protected.shape[-2:]))
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        return net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps), gen
+
+    def train(fit, n: int) -> None:
+        net, opt, sched, gen = fit
+        net.train()
+        for _ in range(n):
+            idx = torch.randint(len(x_all), (b,), generator=gen)
+            loss = F.mse_loss(net(x_all[idx], labels[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    def pair_mse(net: InverseNet) -> float:
+        net.eval()
+        with torch.no_grad():
+            return (
+                sum(
+                    F.mse_loss(
+                        net(x_all[i : i + 512], labels[i : i + 512]),
+                        y_all[i : i + 512],
+                        reduction="sum",
+                    ).item()
+                    for i in range(0, len(x_all), 512)
+                )
+                / y_all.numel()
+            )
+
+    trial = steps if restarts == 1 else max(1, steps // 10)
+    fits, scores = [], []
+    for r in range(restarts):
+        fit = start(r)
+        train(fit, trial)
+        fits.append(fit)
+        if restarts > 1:
+            scores.append(pair_mse(fit[0]))
+    best = fits[min(range(restarts), key=lambda r: scores[r]) if restarts > 1 else 0]
+    train(best, steps - trial)
+    net = best[0].eval()
+    net.restart_pair_mse = scores
+    return net
 
 
 def apply_inverse_uint8(
@@ -483,6 +542,7 @@ def learned_inverse_uint8(
     clean_pairs: torch.Tensor,
     steps: int = INVERSE_STEPS,
     seed: int = 0,
+    restarts: int = 1,
 ) -> tuple[torch.Tensor, dict]:
     """The pirate's learned inverse: fit on leaked pairs, apply to every image, store 8-bit.
 
@@ -494,14 +554,24 @@ def learned_inverse_uint8(
         clean_pairs: (K, C, H, W) uint8 originals of ``images[pair_indices]``.
         steps: training steps of :func:`fit_inverse`.
         seed: seed of the fit.
+        restarts: initialisations tried (:func:`fit_inverse`).
 
     Returns:
         ``(restored, stats)``: (N, C, H, W) uint8 and ``{"pairs", "steps", "fit_seconds",
-        "pair_mse_before", "pair_mse_after"}`` (MSE on the pairs, [0, 1] units).
+        "pair_mse_before", "pair_mse_after"}`` (MSE on the pairs, [0, 1] units), with
+        ``"restarts"`` and ``"restart_pair_mse"`` when ``restarts`` > 1.
     """
     protected, pair_labels = images[pair_indices], labels[pair_indices]
     t0 = time.perf_counter()
-    net = fit_inverse(protected, clean_pairs, pair_labels, num_classes, steps=steps, seed=seed)
+    net = fit_inverse(
+        protected,
+        clean_pairs,
+        pair_labels,
+        num_classes,
+        steps=steps,
+        seed=seed,
+        restarts=restarts,
+    )
     fit_s = time.perf_counter() - t0
     restored = apply_inverse_uint8(net, images, labels)
     y = from_uint8(clean_pairs)
@@ -512,4 +582,6 @@ def learned_inverse_uint8(
         "pair_mse_before": F.mse_loss(from_uint8(protected), y).item(),
         "pair_mse_after": F.mse_loss(from_uint8(restored[pair_indices]), y).item(),
     }
+    if restarts > 1:
+        stats.update(restarts=restarts, restart_pair_mse=net.restart_pair_mse)
     return restored, stats
