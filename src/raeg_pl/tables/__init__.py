@@ -40,6 +40,7 @@ Modules, each importing only those above it:
 
 - :mod:`~raeg_pl.tables.records`:   reading and validating one ``grid.json`` / ``results.json``;
 - :mod:`~raeg_pl.tables.results`:   merging the run directories' plans and results;
+- :mod:`~raeg_pl.tables.archive`:   the result records kept beside a committed table;
 - :mod:`~raeg_pl.tables.model`:     cells, columns, rows and tables (planned vs missing);
 - :mod:`~raeg_pl.tables.renderers`: markdown, LaTeX and CSV;
 - :mod:`~raeg_pl.tables.builders`:  the main, fidelity, robustness and inference tables;

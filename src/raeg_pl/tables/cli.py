@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from raeg_pl.tables.archive import keep_records as archive_records
 from raeg_pl.tables.builders import BUILDERS
 from raeg_pl.tables.model import Table, Value
 from raeg_pl.tables.plots import plot_psnr_vs_pirate, plot_robustness
@@ -104,6 +105,7 @@ def build_all(
     tables: Iterable[str] = TABLES,
     arch: str | None = None,
     allow_mixed: bool = False,
+    keep_records: str | Path | None = None,
 ) -> list[Path]:
     """Writes the chosen tables and plots and the index; returns the files written.
 
@@ -114,6 +116,8 @@ def build_all(
         arch: architecture of the robustness table and the plots (default: the first).
         allow_mixed: build from results of several commits, of a dirty tree or of no
             recorded commit, marking the cells they make.
+        keep_records: copy the plans, results and recipes the tables were built from into
+            this folder, one sub-folder per run directory (:mod:`~raeg_pl.tables.archive`).
 
     Raises:
         TableError: unreadable inputs, or an unknown ``arch``.
@@ -153,6 +157,8 @@ def build_all(
         plots = list(PLOTS)
         written += [out / p for p in plots]
     written.append(write_index(res, out, built, plots, marks))
+    if keep_records is not None:
+        written += archive_records(res, keep_records)
     for p in res.duplicates:
         print(f"raeg table: warning: ignored duplicate run {p}", file=sys.stderr)
     return written
@@ -160,7 +166,7 @@ def build_all(
 
 def main(args: list[str]) -> int:
     """``raeg table --runs DIR [DIR ...] --out DIR [--tables NAME ...] [--arch A]
-    [--allow-mixed]``."""
+    [--allow-mixed] [--keep-records DIR]``."""
     ap = argparse.ArgumentParser(
         prog="raeg table",
         description="Markdown, LaTeX and CSV tables and plots from grid runs' results.json files.",
@@ -181,9 +187,20 @@ def main(args: list[str]) -> int:
         help="build from results of several commits, of a dirty work tree or with no commit "
         "recorded (refused by default); their cells are marked and the footnotes name them",
     )
+    ap.add_argument(
+        "--keep-records",
+        metavar="DIR",
+        default=None,
+        help="also copy the grid.json, results.json and recipe.json files the tables were "
+        "built from into DIR/<run folder name>/ (machine paths written as $RAEG_DATA_DIR, "
+        "$RAEG_CACHE_DIR, . and ~), so the table can be rebuilt from DIR alone: commit DIR "
+        "beside the table",
+    )
     ns = ap.parse_args(args)
     try:
-        written = build_all(ns.runs, ns.out, ns.tables, ns.arch, ns.allow_mixed)
+        written = build_all(
+            ns.runs, ns.out, ns.tables, ns.arch, ns.allow_mixed, keep_records=ns.keep_records
+        )
     except TableError as e:
         print(f"raeg table: error: {e}", file=sys.stderr)
         return 2
