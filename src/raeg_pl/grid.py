@@ -22,6 +22,9 @@ missing cells show as missing. A row is ``{kind: <method>, ...parameters}`` (see
 protector config. ``reuse_from: <run dir>`` reuses the surrogates and protector of an
 earlier pipeline run when their configs are identical.
 
+``raeg grid --records DIR`` resumes from the records that ``raeg table --keep-records``
+kept (a fresh machine without the run directory): see :meth:`Grid.use_records`.
+
 Before any stage runs, every row's protector and method, every surrogate and every pirate
 architecture is built on a tiny input (:mod:`raeg_pl.stages.check`); a row that cannot be
 built stops the grid at once, named with its error. ``raeg grid --check`` does only that
@@ -30,6 +33,7 @@ built stops the grid at once, named with its error. ``raeg grid --check`` does o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -53,10 +57,20 @@ from raeg_pl.config import (
     validate_grid_config,
 )
 from raeg_pl.stages.check import GridBuildError, check_grid_builds
-from raeg_pl.stages.common import StageRecipeError, StageRunner, slug, stage_done, stage_of
+from raeg_pl.stages.common import (
+    STAGE_RECIPE,
+    STAGE_RESULTS,
+    StageRecipeError,
+    StageRunner,
+    slug,
+    stage_done,
+    stage_of,
+)
 from raeg_pl.stages.export import export_clean_folder, export_method
 from raeg_pl.stages.protector import run_protector
 from raeg_pl.stages.surrogate import run_surrogates
+from raeg_pl.tables.archive import read_kept
+from raeg_pl.tables.records import TableError
 from raeg_pl.utils.files import write_atomic_text
 
 CLEAN = "clean"
@@ -76,6 +90,8 @@ class Grid(StageRunner):
         defenses: only these pirate defences; None for all.
         authorized: train the authorised classifiers on recovered files (False: a worker
             of :func:`worker_jobs` whose cells another worker's job holds).
+        records: kept records (``raeg table --keep-records``) the grid resumes from: see
+            :meth:`use_records`.
     """
 
     def __init__(
@@ -86,9 +102,11 @@ class Grid(StageRunner):
         archs: list[str] | None = None,
         defenses: list[str] | None = None,
         authorized: bool = True,
+        records: list[str] | None = None,
     ) -> None:
         super().__init__(cfg, run_dir)
         self.authorized = authorized
+        self.records = list(records or [])
         self.table = str(cfg.get("table") or "grid")
         self.profile = cfg.get("profile")
         self.rows: dict[str, dict] = dict(cfg.get("rows") or {})
@@ -177,7 +195,7 @@ class Grid(StageRunner):
     def _reuse(self, name: str, link_as: str, expect: dict) -> None:
         """Links an earlier pipeline run's finished stage when its config sections match."""
         root = self.cfg.get("reuse_from")
-        if not root or (self.run_dir / link_as).exists():
+        if self.dry or not root or (self.run_dir / link_as).exists():
             return
         src, cfg_path = Path(root) / name, Path(root) / "pipeline_config.yaml"
         if not (stage_done(src) and cfg_path.is_file()):
@@ -349,6 +367,8 @@ class Grid(StageRunner):
 
     def clean_export(self) -> None:
         """The clean training split as PNG files (``methods/clean/clean``): the clean pirates' data."""
+        if self.dry:
+            return
         export_clean_folder(self.run_dir / "methods" / CLEAN / "clean", self.data_cfg)
 
     # ------------------------------------------------------------------ driver
@@ -377,7 +397,8 @@ class Grid(StageRunner):
 
     def run(self, check: bool = True) -> dict:
         """Checks that everything builds (unless ``check`` is False: a worker whose parent
-        checked), then runs (or resumes) every selected stage."""
+        checked), then runs (or resumes) every selected stage; with kept ``records``, only
+        what they do not hold (:meth:`use_records`)."""
         if check:
             self.check_builds()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,18 +407,44 @@ class Grid(StageRunner):
         )
         self.write_plan()
         t0 = time.perf_counter()
+        lazy = self.use_records() if self.records else None
+        self._stages(lazy)
+        seconds = round(time.perf_counter() - t0, 1)
+        self.say(
+            f"grid {self.table}: finished in {seconds} s; tables: raeg table --runs {self.run_dir}"
+        )
+        return {"seconds": seconds}
+
+    @contextlib.contextmanager
+    def _dry_if(self, flag: bool):
+        """Stages inside run dry (:class:`StageRunner`) when ``flag`` is set."""
+        before = self.dry
+        self.dry = before or flag
+        try:
+            yield
+        finally:
+            self.dry = before
+
+    def _stages(self, lazy: dict | None = None) -> None:
+        """Every selected stage in order (dry when :attr:`dry` is set); ``lazy`` (from
+        :meth:`use_records`) skips the surrogates, the clean export and the method stages
+        (with their protectors) that no stage still to run needs."""
         archs = self._selected(self.archs, self.only_archs)
         rows = self._selected(list(self.rows), self.only_rows)
-        surrogates = self.shared_surrogates()
-        self.clean_export()
+        with self._dry_if(lazy is not None and not lazy["surrogates"]):
+            surrogates = self.shared_surrogates()
+        if lazy is None or lazy["pirates"]:
+            self.clean_export()
         # The held-out clean-trained classifiers of the inference-time table come first: every
         # method stage evaluates its protected test images on them.
         for arch in self.heldout:
             self.pirate_stage(CLEAN, arch, "none", self.seeds[0], "clean")
-        reversible = {
-            row: self.method_stage(row, self.rows[row], surrogates).get("reversible")
-            for row in rows
-        }
+        reversible = {}
+        for row in rows:
+            with self._dry_if(lazy is not None and row in lazy["kept_rows"]):
+                reversible[row] = self.method_stage(row, self.rows[row], surrogates).get(
+                    "reversible"
+                )
         # Seed-major, then defence and architecture, rows innermost: a grid stopped early
         # leaves whole columns of every table filled rather than whole rows.
         trained = [r for r in (CLEAN, *rows) if r in self.pirate_rows]
@@ -411,11 +458,79 @@ class Grid(StageRunner):
                 for row in trained:
                     if reversible.get(row) and arch in self.authorized_archs:
                         self.pirate_stage(row, arch, "none", seed, "recovered")
-        seconds = round(time.perf_counter() - t0, 1)
+
+    def use_records(self) -> dict:
+        """Resumes from kept records (``raeg table --keep-records``), as on a fresh machine.
+
+        A dry pass computes every selected stage's recipe. A kept method or pirate stage
+        whose recipe hash is the config's counts as done; a kept stage of another recipe is
+        named and not used. Kept pirate stages are copied into the run directory (so they
+        are skipped), and so are the method stages of rows whose every pirate is kept: those
+        rows' protectors and method stages do not run. The surrogates run only when some
+        row's method stage must, the clean export only when some pirate must train. A row
+        that reruns its method stage (one of its pirates is not kept) refits its protector
+        from the same recipe, so its new pirates and its kept ones come from two fits.
+
+        Returns:
+            ``{"kept_rows": rows wholly kept, "surrogates": bool, "pirates": bool,
+            "stages": stage names still to run}``.
+        """
+        kept = read_kept(self.records)
+        self.dry, self.visited = True, []
+        self.dry_results = {
+            name: json.loads((folder / STAGE_RESULTS).read_text())
+            for name, (folder, _) in kept.items()
+            if name.startswith("methods/")
+        }
+        try:
+            self._stages()
+        finally:
+            self.dry = False
+        covered: set[str] = set()
+        todo: list[str] = []
+        for name in dict.fromkeys(self.visited):
+            if not name.startswith(("methods/", "pirates/")):
+                continue
+            done = stage_done(self.run_dir / name)
+            if done or (name in kept and kept[name][1] == self.recipes.get(name)):
+                covered.add(name)
+            else:
+                if name in kept:
+                    self.say(f"{name}: kept record not used (another recipe than the config's)")
+                todo.append(name)
+        rows = self._selected(list(self.rows), self.only_rows)
+        kept_rows = {
+            r
+            for r in rows
+            if f"methods/{r}" in covered and not any(n.startswith(f"pirates/{r}/") for n in todo)
+        }
+        for name in sorted(covered):
+            is_method = name.startswith("methods/")
+            if stage_done(self.run_dir / name) or (
+                is_method and name.split("/", 1)[1] not in kept_rows
+            ):
+                continue
+            dst = self.run_dir / name
+            dst.mkdir(parents=True, exist_ok=True)
+            folder = kept[name][0]
+            # The recipe first: a folder with results.json counts as done.
+            for file in (STAGE_RECIPE, STAGE_RESULTS):
+                if (folder / file).is_file():
+                    write_atomic_text(dst / file, (folder / file).read_text())
+        # A row not wholly kept exports its data again (its pirates still to train need it).
+        todo += [f"methods/{r}" for r in rows if r not in kept_rows and f"methods/{r}" not in todo]
+        lazy = {
+            "kept_rows": kept_rows,
+            "surrogates": any(r not in kept_rows for r in rows),
+            "pirates": any(n.startswith("pirates/") for n in todo),
+            "stages": todo,
+        }
         self.say(
-            f"grid {self.table}: finished in {seconds} s; tables: raeg table --runs {self.run_dir}"
+            f"grid {self.table}: from the kept records, {len(todo)} method and pirate "
+            f"stage(s) to run (with the surrogates and protectors they need); rows wholly "
+            f"kept: {sorted(kept_rows) or 'none'}"
         )
-        return {"seconds": seconds}
+        return lazy
 
 
 def worker_jobs(grid: Grid) -> list[list[list[str]]]:
@@ -525,6 +640,14 @@ def main(args: list[str]) -> int:
     ap.add_argument("--archs", nargs="+", default=None, help="only these pirate architectures")
     ap.add_argument("--defenses", nargs="+", default=None, help="only these pirate defences")
     ap.add_argument("--tables", default=None, help="build the tables into this folder afterwards")
+    ap.add_argument(
+        "--records",
+        nargs="+",
+        default=None,
+        help="kept records (raeg table --keep-records DIR, e.g. docs/tables/<name>/records) to "
+        "resume from on a machine without the earlier runs: stages they hold with the "
+        "config's recipe are not run again, nor the protectors only those stages need",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. seeds=[0,1,2]")
     ap.add_argument(
         "--check",
@@ -560,7 +683,7 @@ def main(args: list[str]) -> int:
     # `--defenses none gray seeds=[0]`: the options take several values, so overrides after
     # them land in their lists. An override (`key.path=value`) has no ':' before its '=',
     # unlike a defence spec (`jpeg:q=10`), and names of rows and archs have no '='.
-    for key in ("rows", "archs", "defenses"):
+    for key in ("rows", "archs", "defenses", "records"):
         values = getattr(ns, key)
         if values:
             setattr(ns, key, [v for v in values if not OVERRIDE_RE.match(v)])
@@ -573,6 +696,7 @@ def main(args: list[str]) -> int:
         archs=ns.archs,
         defenses=ns.defenses,
         authorized=not ns.skip_authorized,
+        records=ns.records,
     )
     problems = validate_grid_config(cfg)
     if problems:
@@ -598,6 +722,24 @@ def main(args: list[str]) -> int:
         grid.write_plan()
         print(f"raeg grid: plan of table {grid.table!r} written to {grid.run_dir / 'grid.json'}")
         return 0
+    if ns.workers and grid.records:
+        # The kept stages are copied in here; the workers run the rest, only the rows that
+        # still need their method stage taking part (none left: this process runs the rest).
+        grid.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lazy = grid.use_records()
+        except (StageRecipeError, TableError) as e:
+            print(f"raeg grid: {e}", file=sys.stderr, flush=True)
+            return 2
+        if not lazy["stages"]:
+            print(f"raeg grid: {ns.config}: every stage is kept or done", flush=True)
+            return 0
+        rows = grid._selected(list(grid.rows), grid.only_rows)
+        left = [r for r in rows if r not in lazy["kept_rows"]]
+        if left:
+            grid.only_rows = left
+        else:
+            ns.workers = 0
     if ns.workers:
         if not builds():
             return 2
@@ -608,7 +750,7 @@ def main(args: list[str]) -> int:
         except GridBuildError as e:
             print(f"raeg grid: {ns.config}: {e}", file=sys.stderr, flush=True)
             return 2
-        except StageRecipeError as e:
+        except (StageRecipeError, TableError) as e:
             print(f"raeg grid: {e}", file=sys.stderr, flush=True)
             return 2
         rc = 0

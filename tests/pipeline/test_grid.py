@@ -308,3 +308,64 @@ def test_a_row_that_only_refines_reuses_the_protector(fake_data, tmp_path):
     recipe = json.loads((run / "methods" / "b" / "recipe.json").read_text())
     protector = json.loads((run / "protector_a" / "recipe.json").read_text())
     assert recipe["recipe"]["upstream"]["protector"] == protector["hash"]
+
+
+def test_a_grid_resumes_from_kept_records_on_a_fresh_machine(fake_data, tmp_path, capsys):
+    """Session 1 runs a grid and keeps its records; session 2, with no run folder (a fresh
+    machine), resumes from them: the wholly kept row runs nothing (no protector, no method
+    stage), a row with one missing pirate reruns its method stage and that pirate only, and
+    the tables built from both are complete."""
+    from raeg_pl.tables import build_all
+
+    first = tmp_path / "first" / "grid"
+    common = ["pirate_defenses=[none, gray]", "wandb=null", "--archs", "resnet"]
+    rows = ["--rows", "raeg_paper", "classwise_noise"]
+    assert main([*_one_step_grid(first, fake_data, tmp_path), *common, *rows]) == 0
+    records = tmp_path / "records"
+    build_all([first], tmp_path / "t1", ["main"], allow_mixed=True, keep_records=records)
+    kept = records / "grid"
+    dropped = kept / "pirates" / "classwise_noise" / "resnet" / "gray" / "seed0"
+    for f in dropped.iterdir():
+        f.unlink()
+    dropped.rmdir()
+
+    second = tmp_path / "second" / "grid"
+    capsys.readouterr()
+    args = [*_one_step_grid(second, fake_data, tmp_path), *common, *rows, "--records", str(kept)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "rows wholly kept: ['raeg_paper']" in out
+    # raeg_paper: kept whole; its protector never ran, nor its method stage, nor the
+    # surrogates' checkpoints beyond what classwise_noise's method stage needs.
+    assert not (second / "protector_raeg_paper").exists()
+    assert not (second / "methods" / "raeg_paper" / "protected").exists()
+    assert (second / "methods" / "raeg_paper" / "results.json").is_file()
+    assert "protector_raeg_paper: running" not in out
+    # classwise_noise: its method stage ran again, and only the dropped pirate trained.
+    assert "methods/classwise_noise: running" in out
+    assert "pirates/classwise_noise/resnet/gray/seed0: running" in out
+    assert out.count(": running") == 2 + out.count("surrogate_0: running")
+    for row in ("clean", "raeg_paper", "classwise_noise"):
+        for defense in ("none", "gray"):
+            assert (
+                second / "pirates" / row / "resnet" / defense / "seed0" / "results.json"
+            ).is_file()
+    # A kept record of another recipe is named and not used.
+    capsys.readouterr()
+    third = tmp_path / "third" / "grid"
+    args = [
+        *_one_step_grid(third, fake_data, tmp_path),
+        *common,
+        "--rows",
+        "classwise_noise",
+        "--records",
+        str(records),
+        "pirate.max_epochs=2",
+        "--defenses",
+        "none",
+        "--skip-authorized",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "pirates/clean/resnet/none/seed0: kept record not used" in out
+    assert "pirates/clean/resnet/none/seed0: running" in out

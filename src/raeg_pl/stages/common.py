@@ -239,6 +239,12 @@ class StageRunner:
         self.stop_after = stop_after
         self.log: list[str] = []
         self.recipes: dict[str, str] = {}
+        # A dry pass (:meth:`run_stage` with ``dry`` set) runs no stage: it records each
+        # stage's recipe hash and name (``visited``) and returns what the stage holds, else
+        # ``dry_results[name]`` (a kept record's results), else {}.
+        self.dry = False
+        self.visited: list[str] = []
+        self.dry_results: dict[str, dict] = {}
 
     def say(self, msg: str) -> None:
         """Prints one progress line (and keeps it in :attr:`log`)."""
@@ -311,6 +317,11 @@ class StageRunner:
         """
         stage_dir = self.run_dir / name
         rec = None if recipe is None else self.check_recipe(name, stage_dir, recipe)
+        if self.dry:
+            self.visited.append(name)
+            return (
+                read_stage(stage_dir) if stage_done(stage_dir) else self.dry_results.get(name, {})
+            )
         if stage_done(stage_dir):
             self.say(f"{name}: done before, skipped")
             return read_stage(stage_dir)

@@ -143,3 +143,49 @@ def keep_records(res: Results, dest: str | Path) -> list[Path]:
             if _copy_json(f, target, tokens):
                 written.append(target)
     return written
+
+
+def record_folders(paths: list[str | Path]) -> list[Path]:
+    """Kept records' folders: each path that is one (it holds ``grid.json``, ``methods/`` or
+    ``pirates/``), else its sub-folders that are, in name order.
+
+    Raises:
+        TableError: a path that is not a folder or holds no records.
+    """
+    out: list[Path] = []
+
+    def is_records(d: Path) -> bool:
+        return (d / PLAN_FILE).is_file() or (d / "methods").is_dir() or (d / "pirates").is_dir()
+
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise TableError(f"records folder not found: {p}")
+        found = [p] if is_records(p) else [d for d in sorted(p.iterdir()) if is_records(d)]
+        if not found:
+            raise TableError(
+                f"{p}: holds no kept records (expected grid.json, methods/ or pirates/, "
+                "itself or in its sub-folders; see raeg table --keep-records)"
+            )
+        out += found
+    return out
+
+
+def read_kept(paths: list[str | Path]) -> dict[str, tuple[Path, str | None]]:
+    """Stage name (``methods/<row>``, ``pirates/<row>/<arch>/<defence>/seed<k>``) -> (the
+    kept folder, its recipe hash or None) for every kept stage; the first folder of
+    :func:`record_folders` that holds a stage wins."""
+    kept: dict[str, tuple[Path, str | None]] = {}
+    for folder in record_folders(paths):
+        for f in sorted(folder.rglob(RESULTS_FILE)):
+            name = f.parent.relative_to(folder).as_posix()
+            if name in kept:
+                continue
+            digest = None
+            recipe = f.parent / RECIPE_FILE
+            if recipe.is_file():
+                try:
+                    digest = json.loads(recipe.read_text()).get("hash")
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise TableError(f"{recipe}: cannot read the kept recipe ({e})") from e
+            kept[name] = (f.parent, digest)
+    return kept
