@@ -11,7 +11,10 @@
 # RAEG_DATA_DIR and RAEG_CACHE_DIR as for every run; DATA_TGZ: a .tgz of a data root (holding
 # cifar10/), unpacked into RAEG_DATA_DIR first when that folder does not exist (a machine that
 # can take no more than a few tens of MB along: CIFAR-10's JPEG folder packs to about 20 MB).
-# Grids resume: run it again on the same machine to continue them.
+# Grids resume: run it again on the same machine to continue them; on a fresh machine, RECORDS
+# (folders of kept records, e.g. "docs/tables/quick_ablation/records") resumes them from what
+# earlier runs kept. The archive holds OUT_DIR/records: every finished result kept as by
+# `raeg table --keep-records` (commit them beside the tables).
 set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-470}
@@ -48,7 +51,7 @@ PIDS=()
 for g in $GRIDS; do
   # shellcheck disable=SC2086
   $PY -m raeg_pl.cli grid --config "${CONFIG[$g]}" --workers "${WORKERS[$g]}" \
-    trainer.accelerator=gpu ${EXTRA[$g]} > "$LOGS/grid_$g.log" 2>&1 &
+    ${RECORDS:+--records $RECORDS} trainer.accelerator=gpu ${EXTRA[$g]} > "$LOGS/grid_$g.log" 2>&1 &
   PIDS+=($!)
 done
 (RAEG_SMOKE_ACCELERATOR=gpu timeout 270 $PY -m pytest -q -p no:cacheprovider \
@@ -60,8 +63,12 @@ while [ "$(el)" -lt "$LIMIT" ] && running; do sleep 5; done
 echo "stopped at $(el) s"
 pkill -f "raeg_pl.cli grid"; pkill -f "tests/configs/test_smoke.py"; sleep 3
 pkill -9 -f "raeg_pl.cli grid"; pkill -9 -f "tests/configs/test_smoke.py"
+for d in runs/tables/standard runs/tables/quick_ablation runs/tables/quick; do
+  [ -d "$d" ] && $PY -m raeg_pl.cli table --runs "$d" --out "$OUT/tables/$(basename "$d")" \
+    --allow-mixed --keep-records "$OUT/records" >> "$LOGS/records.log" 2>&1
+done
 tar czf "$OUT/session.tgz" --exclude='*.png' --exclude='*.jpg' --exclude='*.ckpt' \
-  --exclude='*.pt' --exclude='*.npy' "$LOGS" runs/tables/standard runs/tables/quick_ablation \
+  --exclude='*.pt' --exclude='*.npy' "$LOGS" "$OUT/records" "$OUT/tables" runs/tables/standard runs/tables/quick_ablation \
   runs/tables/quick 2>/dev/null
 tail -n 3 "$LOGS"/grid_*.log "$LOGS/smoke_gpu.log"
 echo "stage results: $(find runs/tables -name results.json 2>/dev/null | wc -l); packed in $OUT/session.tgz"
