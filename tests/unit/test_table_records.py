@@ -96,3 +96,31 @@ def test_records_extend_across_sessions(grid_dir, tmp_path):  # noqa: F811
     # Keeping again writes nothing new.
     res = load_results([kept, later])
     assert keep_records(res, records) == []
+
+
+def test_kept_records_are_read_by_stage_name_and_bad_folders_are_named(grid_dir, tmp_path):  # noqa: F811
+    import pytest
+
+    from raeg_pl.tables.archive import read_kept, record_folders
+    from raeg_pl.tables.records import TableError
+
+    recipe = grid_dir / "pirates" / "pgd" / "resnet" / "none" / "seed0" / "recipe.json"
+    write_json(recipe, {"hash": "abc123", "recipe": {}})
+    records = tmp_path / "records"
+    build_all([grid_dir], tmp_path / "t", ["main"], keep_records=records)
+    # The records root and the folder itself name the same records.
+    assert record_folders([records]) == record_folders([records / grid_dir.name])
+    kept = read_kept([records])
+    assert kept["pirates/pgd/resnet/none/seed0"] == (
+        records / grid_dir.name / "pirates" / "pgd" / "resnet" / "none" / "seed0",
+        "abc123",
+    )
+    assert kept["methods/raeg_v1"][1] is None  # kept without a recipe: never taken as done
+    with pytest.raises(TableError, match="records folder not found: .*nowhere"):
+        read_kept([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TableError, match="empty: holds no kept records"):
+        read_kept([tmp_path / "empty"])
+    (records / grid_dir.name / recipe.relative_to(grid_dir)).write_text("{not json")
+    with pytest.raises(TableError, match="recipe.json: cannot read the kept recipe"):
+        read_kept([records])
