@@ -4,6 +4,7 @@ untrained surrogate: no data, a few seconds on a CPU."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -32,6 +33,7 @@ LEVERS = {
     "l_classmean": 1e-3,
     "l_unroll": 1e-3,
     "unroll_width": 4,
+    "l_invadv": 1e-3,
 }
 
 
@@ -109,7 +111,7 @@ def test_classmean_penalty_adds_its_weighted_share_and_nothing_when_off(surrogat
     assert share == pytest.approx(float(classmean_share(stored - images, labels, CLASSES)))
 
 
-@pytest.mark.parametrize("term", ["l_classmean", "l_jpegkeep", "l_unroll"])
+@pytest.mark.parametrize("term", ["l_classmean", "l_jpegkeep", "l_unroll", "l_invadv"])
 def test_penalty_gradient_reaches_the_protector(surrogate, term):
     images, labels = batch()
     identity = module(surrogate).curriculum.identity
@@ -147,6 +149,7 @@ def test_fit_with_all_levers_on_runs_and_logs_the_share(surrogate, tmp_path):
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
     assert 0 < float(metrics["train/classmean_share"]) <= 1
+    assert torch.isfinite(metrics["train/l_invadv"]) and float(metrics["train/invadv_psnr"]) > 0
 
 
 def test_jpegkeep_penalty_adds_its_weighted_complement_and_nothing_when_off(surrogate):
@@ -236,3 +239,63 @@ def test_bad_volume_settings_are_refused(surrogate):
         module(surrogate, l_volume=-1.0)
     with pytest.raises(ValueError, match="l_volume needs .*'encdec'"):
         module(surrogate, l_volume=1.0, generator="encdec")
+
+
+def test_inverse_adversary_adds_its_weighted_loss_learns_and_is_not_trained_by_it(surrogate):
+    """``l_invadv``: the learned-inverse pirate takes one step on the batch's pairs, the
+    protector's loss gains ``l_invadv`` times the adversarial loss after it, and that loss
+    trains the protector, never the pirate."""
+    from raeg_pl.losses.inverse_adversary import InverseAdversary
+
+    images, labels = batch()
+    identity = module(surrogate).curriculum.identity
+    model = module(surrogate, l_invadv=0.5)
+    on, logged = bare_step(model, images, labels, identity)
+    off, _ = bare_step(module(surrogate), images, labels, identity)
+    assert module(surrogate)._inverse_adv is None  # off: no pirate is built
+    # Its value, computed here independently: a pirate of the same seed takes one step on
+    # the stored batch, then the surrogate scores what it makes of the stored images.
+    with torch.no_grad():
+        stored = module(surrogate).protector(images, labels)
+        stored = torch.round(stored.clamp(0, 1) * 255) / 255
+    pirate = InverseAdversary(3, CLASSES, (16, 16), seed=0)
+    start = [p.detach().clone() for p in pirate.net.parameters()]
+    mse = pirate.update(stored, images, labels)
+    with torch.no_grad():
+        adv = model._adv_loss(model._surrogates[0](pirate.undo(stored, labels)), labels).mean()
+    diff = float(on.detach()) - float(off.detach())
+    assert diff == pytest.approx(0.5 * float(adv), rel=1e-3, abs=1e-5)
+    assert float(logged["train/l_invadv"]) == pytest.approx(float(adv), rel=1e-3, abs=1e-5)
+    assert float(logged["train/invadv_psnr"]) == pytest.approx(-10 * math.log10(mse), rel=1e-4)
+    # The pirate learnt from the batch; the protector's loss leaves its weights' gradients
+    # as its own step left them.
+    moved = [p.detach() for p in model._inverse_adv.net.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(start, moved, strict=True))
+    before = [p.grad.clone() for p in model._inverse_adv.net.parameters()]
+    on.backward()
+    after = [p.grad for p in model._inverse_adv.net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_inverse_adversary_learns_pairs_and_travels_in_the_checkpoint(surrogate):
+    from raeg_pl.losses.inverse_adversary import InverseAdversary
+
+    images, labels = batch()
+    stored = (images + 0.05 * torch.sin(torch.arange(16.0))).clamp(0, 1)
+    pirate = InverseAdversary(3, CLASSES, (16, 16), lr=1e-2, seed=1)
+    first = pirate.update(stored, images, labels)
+    for _ in range(60):
+        last = pirate.update(stored, images, labels)
+    assert last < 0.2 * first  # it learns to undo a fixed change from the pairs
+    model = module(surrogate, l_invadv=0.5)
+    bare_step(model, images, labels, model.curriculum.identity)
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    resumed = module(surrogate, l_invadv=0.5)
+    resumed.on_load_checkpoint(checkpoint)
+    again = resumed.inverse_adversary(images)
+    for a, b in zip(model._inverse_adv.net.parameters(), again.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert again.opt.state_dict()["state"]  # the optimiser's moments came back too
+    with pytest.raises(ValueError, match="l_invadv"):
+        module(surrogate, l_invadv=-1.0)

@@ -30,6 +30,7 @@ from raeg_pl.losses import (
     targeted_labels,
     untargeted_adversarial_loss,
 )
+from raeg_pl.losses.inverse_adversary import InverseAdversary
 from raeg_pl.losses.unrolled import UnrolledPirate
 from raeg_pl.metrics import ImageQuality, classmean_share, from_uint8, to_uint8
 from raeg_pl.models.encdec import GENERATORS, create_protector
@@ -222,6 +223,13 @@ class ProtectorLitModule(L.LightningModule):
             ``unroll_width`` channels wide, trains one step per batch on the protected
             batch and starts again from new weights every ``unroll_reset`` steps (it is not
             in the checkpoint: a resumed fit starts a new one).
+        l_invadv: weight of the learned-inverse pirate (0: off;
+            :class:`~raeg_pl.losses.inverse_adversary.InverseAdversary`): a small label-aware
+            network takes one Adam step (rate ``invadv_lr``) per batch on the stored images
+            and their originals, as a pirate with leaked pairs does, and the protector is
+            scored by the adversarial loss on the surrogate after that network has undone
+            what it can. Counted once the adversarial term is on. Its state travels in the
+            checkpoint.
         l_volume: weight of the bits per value that storing the protected image in 8 bits
             loses (0: off): ``max(0, -log|det dG/dx|) / (C H W)`` (nats), from
             :meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`. A
@@ -267,6 +275,8 @@ class ProtectorLitModule(L.LightningModule):
         unroll_lr: float = 0.1,
         unroll_width: int = 16,
         unroll_reset: int = 250,
+        l_invadv: float = 0.0,
+        invadv_lr: float = 3e-3,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -334,6 +344,13 @@ class ProtectorLitModule(L.LightningModule):
             seed=target_seed,
         )
         self._unrolled = pirate if l_unroll > 0 else None
+        if l_invadv < 0 or invadv_lr <= 0:
+            raise ValueError(
+                f"need l_invadv >= 0 and invadv_lr > 0, got {l_invadv} and {invadv_lr}"
+            )
+        # Built at the first training step, when the image size is known.
+        self._inverse_adv: InverseAdversary | None = None
+        self._inverse_adv_state: dict | None = None
         self.curriculum = DefenseCurriculum(
             train_defenses, full_at=defense_full_at, parse=parse_train_defense
         )
@@ -459,6 +476,18 @@ class ProtectorLitModule(L.LightningModule):
                 l_unroll = self._unrolled.loss(attacked, images, labels, hp.kappa)
                 loss = loss + hp.l_unroll * l_unroll
                 self.log("train/l_unroll", l_unroll.detach())
+            if hp.l_invadv > 0:
+                pirate = self.inverse_adversary(images)
+                fit_mse = pirate.update(stored, images, labels)
+                undone = pirate.undo(stored, labels)
+                l_invadv = self._adv_loss(surrogate(undone), labels).mean()
+                loss = loss + hp.l_invadv * l_invadv
+                self.log_dict(
+                    {
+                        "train/l_invadv": l_invadv.detach(),
+                        "train/invadv_psnr": -10 * math.log10(max(fit_mse, 1e-12)),
+                    }
+                )
         if not self._loss_is_sane(loss):
             return None
         measured = float(self._global_mean(psnr(stored.detach(), images)))
@@ -593,6 +622,24 @@ class ProtectorLitModule(L.LightningModule):
                     caption=["original / protected / 10x difference / recovered"],
                 )
 
+    def inverse_adversary(self, images: torch.Tensor) -> InverseAdversary:
+        """The learned-inverse pirate of ``l_invadv`` (built for ``images``' size at first
+        use, from the checkpoint's state when the fit resumes)."""
+        if self._inverse_adv is None:
+            pirate = InverseAdversary(
+                images.shape[1],
+                self.num_classes,
+                tuple(images.shape[-2:]),
+                lr=self.hparams.invadv_lr,
+                seed=self.hparams.target_seed,
+            )
+            pirate.to(images.device)
+            if self._inverse_adv_state is not None:
+                pirate.load_state_dict(self._inverse_adv_state)
+                pirate.to(images.device)
+            self._inverse_adv = pirate
+        return self._inverse_adv
+
     def configure_optimizers(self):
         opt = torch.optim.Adam(
             self.protector.parameters(), lr=self.hparams.lr, eps=self.hparams.adam_eps
@@ -612,7 +659,11 @@ class ProtectorLitModule(L.LightningModule):
         checkpoint["psnr_controller"] = self.controller.state_dict()
         checkpoint["protector_config"] = self.protector.config
         checkpoint["protector_fingerprint"] = self.protector.fingerprint()
+        if self._inverse_adv is not None:
+            checkpoint["inverse_adversary"] = self._inverse_adv.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "psnr_controller" in checkpoint:
             self.controller.load_state_dict(checkpoint["psnr_controller"])
+        self._inverse_adv_state = checkpoint.get("inverse_adversary")
+        self._inverse_adv = None
