@@ -487,12 +487,14 @@ class Grid(StageRunner):
         finally:
             self.dry = False
         covered: set[str] = set()
+        done_here: set[str] = set()
         todo: list[str] = []
         for name in dict.fromkeys(self.visited):
             if not name.startswith(("methods/", "pirates/")):
                 continue
-            done = stage_done(self.run_dir / name)
-            if done or (name in kept and kept[name][1] == self.recipes.get(name)):
+            if stage_done(self.run_dir / name):
+                done_here.add(name)
+            if name in done_here or (name in kept and kept[name][1] == self.recipes.get(name)):
                 covered.add(name)
             else:
                 if name in kept:
@@ -504,11 +506,8 @@ class Grid(StageRunner):
             for r in rows
             if f"methods/{r}" in covered and not any(n.startswith(f"pirates/{r}/") for n in todo)
         }
-        for name in sorted(covered):
-            is_method = name.startswith("methods/")
-            if stage_done(self.run_dir / name) or (
-                is_method and name.split("/", 1)[1] not in kept_rows
-            ):
+        for name in sorted(covered - done_here):
+            if name.startswith("methods/") and name.split("/", 1)[1] not in kept_rows:
                 continue
             dst = self.run_dir / name
             dst.mkdir(parents=True, exist_ok=True)

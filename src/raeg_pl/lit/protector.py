@@ -635,8 +635,8 @@ class ProtectorLitModule(L.LightningModule):
             )
             pirate.to(images.device)
             if self._inverse_adv_state is not None:
+                # Optimizer.load_state_dict puts the moments on the parameters' device.
                 pirate.load_state_dict(self._inverse_adv_state)
-                pirate.to(images.device)
             self._inverse_adv = pirate
         return self._inverse_adv
 

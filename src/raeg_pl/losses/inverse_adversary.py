@@ -47,15 +47,11 @@ class InverseAdversary:
             torch.manual_seed(seed)
             self.net = InverseNet(channels, num_classes, tuple(image_size))
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        self.image_size = tuple(image_size)
 
     def to(self, device: torch.device) -> InverseAdversary:
-        """Moves the network (and any optimiser state) to ``device``."""
+        """Moves the network to ``device`` (before its first step: the optimiser's moments
+        are made, or loaded, on the parameters' device)."""
         self.net.to(device)
-        for state in self.opt.state.values():
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    state[k] = v.to(device)
         return self
 
     def update(self, stored: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -74,11 +70,7 @@ class InverseAdversary:
         return torch.func.functional_call(self.net, params, (stored, labels))
 
     def state_dict(self) -> dict:
-        return {
-            "net": self.net.state_dict(),
-            "opt": self.opt.state_dict(),
-            "image_size": list(self.image_size),
-        }
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
