@@ -299,3 +299,28 @@ def test_inverse_adversary_learns_pairs_and_travels_in_the_checkpoint(surrogate)
     assert again.opt.state_dict()["state"]  # the optimiser's moments came back too
     with pytest.raises(ValueError, match="l_invadv"):
         module(surrogate, l_invadv=-1.0)
+    with pytest.raises(ValueError, match="invadv_steps"):
+        module(surrogate, l_invadv=0.5, invadv_steps=0)
+
+
+def test_inverse_adversary_steps_per_batch(surrogate):
+    """``invadv_steps``: the pirate takes that many Adam steps on each batch (the same
+    weights as as many one-step updates), and the protector hands the setting on."""
+    from raeg_pl.losses.inverse_adversary import InverseAdversary
+
+    images, labels = batch()
+    stored = (images + 0.05 * torch.cos(torch.arange(16.0))).clamp(0, 1)
+    three = InverseAdversary(3, CLASSES, (16, 16), lr=1e-2, seed=2, steps=3)
+    one = InverseAdversary(3, CLASSES, (16, 16), lr=1e-2, seed=2)
+    last = three.update(stored, images, labels)
+    for _ in range(3):
+        before_last = one.update(stored, images, labels)
+    for a, b in zip(three.net.parameters(), one.net.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert last == pytest.approx(before_last, rel=1e-5)
+    model = module(surrogate, l_invadv=0.5, invadv_steps=4)
+    bare_step(model, images, labels, model.curriculum.identity)
+    assert model._inverse_adv.steps == 4
+    assert model._inverse_adv.opt.state_dict()["state"][0]["step"] == 4
+    with pytest.raises(ValueError, match="steps"):
+        InverseAdversary(3, CLASSES, (16, 16), steps=0)

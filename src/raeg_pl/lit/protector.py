@@ -225,11 +225,11 @@ class ProtectorLitModule(L.LightningModule):
             in the checkpoint: a resumed fit starts a new one).
         l_invadv: weight of the learned-inverse pirate (0: off;
             :class:`~raeg_pl.losses.inverse_adversary.InverseAdversary`): a small label-aware
-            network takes one Adam step (rate ``invadv_lr``) per batch on the stored images
-            and their originals, as a pirate with leaked pairs does, and the protector is
-            scored by the adversarial loss on the surrogate after that network has undone
-            what it can. Counted once the adversarial term is on. Its state travels in the
-            checkpoint.
+            network takes ``invadv_steps`` Adam steps (rate ``invadv_lr``) per batch on the
+            stored images and their originals, as a pirate with leaked pairs does, and the
+            protector is scored by the adversarial loss on the surrogate after that network
+            has undone what it can. Counted once the adversarial term is on. Its state
+            travels in the checkpoint.
         l_volume: weight of the bits per value that storing the protected image in 8 bits
             loses (0: off): ``max(0, -log|det dG/dx|) / (C H W)`` (nats), from
             :meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`. A
@@ -277,6 +277,7 @@ class ProtectorLitModule(L.LightningModule):
         unroll_reset: int = 250,
         l_invadv: float = 0.0,
         invadv_lr: float = 3e-3,
+        invadv_steps: int = 1,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -344,9 +345,10 @@ class ProtectorLitModule(L.LightningModule):
             seed=target_seed,
         )
         self._unrolled = pirate if l_unroll > 0 else None
-        if l_invadv < 0 or invadv_lr <= 0:
+        if l_invadv < 0 or invadv_lr <= 0 or invadv_steps < 1:
             raise ValueError(
-                f"need l_invadv >= 0 and invadv_lr > 0, got {l_invadv} and {invadv_lr}"
+                "need l_invadv >= 0, invadv_lr > 0 and invadv_steps >= 1, got "
+                f"{l_invadv}, {invadv_lr} and {invadv_steps}"
             )
         # Built at the first training step, when the image size is known.
         self._inverse_adv: InverseAdversary | None = None
@@ -632,6 +634,7 @@ class ProtectorLitModule(L.LightningModule):
                 tuple(images.shape[-2:]),
                 lr=self.hparams.invadv_lr,
                 seed=self.hparams.target_seed,
+                steps=self.hparams.invadv_steps,
             )
             pirate.to(images.device)
             if self._inverse_adv_state is not None:
