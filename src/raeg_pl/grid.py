@@ -58,8 +58,6 @@ from raeg_pl.config import (
 )
 from raeg_pl.stages.check import GridBuildError, check_grid_builds
 from raeg_pl.stages.common import (
-    STAGE_RECIPE,
-    STAGE_RESULTS,
     StageRecipeError,
     StageRunner,
     slug,
@@ -71,7 +69,7 @@ from raeg_pl.stages.protector import run_protector
 from raeg_pl.stages.surrogate import run_surrogates
 from raeg_pl.tables.archive import read_kept
 from raeg_pl.tables.records import TableError
-from raeg_pl.utils.files import write_atomic_text
+from raeg_pl.utils.files import PLAN_FILE, RECIPE_FILE, RESULTS_FILE, write_atomic_text
 
 CLEAN = "clean"
 # A command-line override: `key.path=value` (no ':' before the '=').
@@ -170,7 +168,7 @@ class Grid(StageRunner):
         The top level holds the union of all tables' rows, archs, defences and seeds (first
         seen order); ``tables`` holds each table's own plan.
         """
-        path = self.run_dir / "grid.json"
+        path = self.run_dir / PLAN_FILE
         merged = json.loads(path.read_text()) if path.is_file() else {}
         plan = self.plan()
         tables = {**merged.get("tables", {}), self.table: plan}
@@ -478,7 +476,7 @@ class Grid(StageRunner):
         kept = read_kept(self.records)
         self.dry, self.visited = True, []
         self.dry_results = {
-            name: json.loads((folder / STAGE_RESULTS).read_text())
+            name: json.loads((folder / RESULTS_FILE).read_text())
             for name, (folder, _) in kept.items()
             if name.startswith("methods/")
         }
@@ -513,7 +511,7 @@ class Grid(StageRunner):
             dst.mkdir(parents=True, exist_ok=True)
             folder = kept[name][0]
             # The recipe first: a folder with results.json counts as done.
-            for file in (STAGE_RECIPE, STAGE_RESULTS):
+            for file in (RECIPE_FILE, RESULTS_FILE):
                 if (folder / file).is_file():
                     write_atomic_text(dst / file, (folder / file).read_text())
         # A row not wholly kept exports its data again (its pirates still to train need it).

@@ -39,8 +39,6 @@ import yaml
 from raeg_pl.config import PIPELINE_KEYS, deep_merge, load_pipeline_config
 from raeg_pl.stages.classifiers import run_classifiers
 from raeg_pl.stages.common import (
-    STAGE_RECIPE,
-    STAGE_RESULTS,
     StageLimitReached,
     StageRecipeError,
     StageRunner,
@@ -150,8 +148,6 @@ def main(args: list[str]) -> int:
 
 __all__ = [
     "PIPELINE_KEYS",
-    "STAGE_RECIPE",
-    "STAGE_RESULTS",
     "Pipeline",
     "StageLimitReached",
     "StageRecipeError",

@@ -20,7 +20,7 @@ import lightning as L
 
 from raeg_pl.config import deep_merge, normalise_recipe, recipe_differences
 from raeg_pl.data.datamodule import ImageClassificationDataModule
-from raeg_pl.utils.files import write_atomic_text
+from raeg_pl.utils.files import RECIPE_FILE, RESULTS_FILE, write_atomic_text
 from raeg_pl.utils.run import config_hash, process_rank, to_float_dict, write_results
 from raeg_pl.utils.trainer import (
     end_wandb_run,
@@ -30,19 +30,16 @@ from raeg_pl.utils.trainer import (
     wandb_settings,
 )
 
-STAGE_RESULTS = "results.json"
-STAGE_RECIPE = "recipe.json"
-
 
 # ------------------------------------------------------------------ folders
 def stage_done(stage_dir: Path) -> bool:
     """Whether the stage folder holds its results (the stage finished)."""
-    return (Path(stage_dir) / STAGE_RESULTS).is_file()
+    return (Path(stage_dir) / RESULTS_FILE).is_file()
 
 
 def read_stage(stage_dir: Path) -> dict:
     """The results of a finished stage."""
-    return json.loads((Path(stage_dir) / STAGE_RESULTS).read_text())
+    return json.loads((Path(stage_dir) / RESULTS_FILE).read_text())
 
 
 def stage_of(checkpoint: Path) -> str:
@@ -279,7 +276,7 @@ class StageRunner:
         rec = normalise_recipe(recipe)
         digest = recipe_hash(rec)
         self.recipes[name] = digest
-        path = stage_dir / STAGE_RECIPE
+        path = stage_dir / RECIPE_FILE
         diff: list[str] = []
         if path.is_file():
             try:
@@ -329,9 +326,7 @@ class StageRunner:
         if rec is not None and process_rank() == 0:
             stage_dir.mkdir(parents=True, exist_ok=True)
             record = {"hash": self.recipes[name], "recipe": rec}
-            write_atomic_text(
-                stage_dir / STAGE_RECIPE, json.dumps(record, indent=2, sort_keys=True)
-            )
+            write_atomic_text(stage_dir / RECIPE_FILE, json.dumps(record, indent=2, sort_keys=True))
         t0 = time.perf_counter()
         out = fn(stage_dir)
         self.say(f"{name}: finished in {time.perf_counter() - t0:.0f} s")
@@ -400,8 +395,6 @@ class StageRunner:
 
 
 __all__ = [
-    "STAGE_RECIPE",
-    "STAGE_RESULTS",
     "StageLimitReached",
     "StageRecipeError",
     "StageRunner",

@@ -27,11 +27,7 @@ from typing import Any
 
 from raeg_pl.tables.records import TableError
 from raeg_pl.tables.results import Results
-from raeg_pl.utils.files import write_atomic_text
-
-RESULTS_FILE = "results.json"
-RECIPE_FILE = "recipe.json"
-PLAN_FILE = "grid.json"
+from raeg_pl.utils.files import PLAN_FILE, RECIPE_FILE, RESULTS_FILE, write_atomic_text
 
 
 def path_tokens() -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from raeg_pl.tables.provenance import (
 from raeg_pl.tables.records import TableError, unique
 from raeg_pl.tables.renderers import to_csv, to_latex, to_markdown
 from raeg_pl.tables.results import Results, load_results
-from raeg_pl.utils.files import write_atomic_text
+from raeg_pl.utils.files import PLAN_FILE, write_atomic_text
 
 TABLES = ("main", "fidelity", "robustness", "inference", "summary")
 PLOTS = ("psnr_vs_pirate.png", "robustness.png")
@@ -62,7 +62,7 @@ def write_index(
     for d, g in zip(res.run_dirs, res.grids, strict=True):
         what = (
             f"grid `{g.table or '?'}`, profile {g.profile or '?'}"
-            if g.path.name == "grid.json"
+            if g.path.name == PLAN_FILE
             else "no grid.json (plan taken from its results)"
         )
         lines.append(f"- `{shown_path(d)}` ({what})")

@@ -21,6 +21,7 @@ from raeg_pl.tables.records import (
     source_of,
     unique,
 )
+from raeg_pl.utils.files import PLAN_FILE, RESULTS_FILE
 
 
 @dataclass
@@ -141,9 +142,9 @@ def load_results(run_dirs: list[str | Path]) -> Results:
     for d in dirs:
         if not d.is_dir():
             raise TableError(f"run directory not found: {d}")
-        grid_file = d / "grid.json"
+        grid_file = d / PLAN_FILE
         method_files = sorted((d / "methods").glob("*/results.json"))
-        pirate_files = sorted((d / "pirates").rglob("results.json"))
+        pirate_files = sorted((d / "pirates").rglob(RESULTS_FILE))
         if not grid_file.is_file() and not method_files and not pirate_files:
             raise TableError(
                 f"{d}: no grid.json and no results (expected methods/<row>/results.json or "

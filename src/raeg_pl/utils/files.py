@@ -10,6 +10,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# A run folder's files (the stage writes them, the grid plans with them, the tables read them).
+RESULTS_FILE = "results.json"  # a stage's metrics, commit and config hash
+RECIPE_FILE = "recipe.json"  # what a stage was computed from (its recipe hash)
+PLAN_FILE = "grid.json"  # a grid's rows, pirates and defences
+
 
 def sha256_bytes(data: bytes) -> str:
     """SHA-256 hex digest of bytes."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import raeg_pl
-from raeg_pl.utils.files import write_atomic_text
+from raeg_pl.utils.files import RESULTS_FILE, write_atomic_text
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def write_results(
         "environment": environment_info(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = Path(run_dir) / "results.json"
+    path = Path(run_dir) / RESULTS_FILE
     if process_rank() == 0:  # under DDP every rank computes the same record; one writes it
         write_atomic_text(path, json.dumps(record, indent=2, sort_keys=True, default=float) + "\n")
     return path
