@@ -135,6 +135,12 @@ class Grid(StageRunner):
         # The pirates this table trains (default: all); held-out classifiers are trained
         # on clean data whatever this says.
         self.archs = list(cfg.get("archs") or self.pirates)
+        outside = [a for a in archs or [] if a not in self.archs]
+        if outside:
+            raise ValueError(
+                f"--archs {outside}: not among this table's pirates {self.archs} (it would "
+                f"train nothing); add them with archs=[...]"
+            )
         self.authorized_archs = list(cfg.get("authorized_archs") or self.archs[:1])
         for what, names in (
             ("heldout", self.heldout),

@@ -264,6 +264,19 @@ def test_overrides_after_list_options_are_overrides(tmp_path, capsys):
     assert plan["seeds"] == [1] and plan["archs"] == ["vit"]
 
 
+def test_archs_outside_the_tables_pirates_are_refused():
+    """`--archs vit` on a table that trains only the ResNet would train nothing: refused,
+    with the way to add it; the override `archs=[vit]` selects it."""
+    from raeg_pl.grid import Grid, load_grid_config
+
+    cfg = load_grid_config(STANDARD_MAIN, ["archs=[resnet]"])
+    with pytest.raises(ValueError, match=r"--archs \['vit'\]: not among .*archs=\["):
+        Grid(cfg, archs=["vit"])
+    assert Grid(cfg, archs=["resnet"]).archs == ["resnet"]
+    grid = Grid(load_grid_config(STANDARD_MAIN, ["archs=[vit]"]), archs=["vit"])
+    assert grid.archs == ["vit"]
+
+
 SHARED_ROWS = (
     "rows={a: {kind: raeg}, b: {kind: raeg, refine_steps: 2},"
     " c: {kind: raeg, protector: {model: {psnr_target: 30.0}}},"
