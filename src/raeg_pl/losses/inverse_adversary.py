@@ -31,9 +31,10 @@ class InverseAdversary:
         image_size: (H, W) of the training images.
         lr: its Adam learning rate (the grid's learned-inverse pirate's peak rate).
         seed: seed of its initialisation.
-        steps: Adam steps per batch (more: a pirate that keeps up with the protector; one
-            step a batch leaves it 1.3 dB above the stored images at the quick profile,
-            where the grid's strong learned inverse gains 3-4 dB).
+        steps: Adam steps per batch. One step a batch leaves it 1.3 dB above the stored
+            images by the end of a quick fit, where the grid's strong learned inverse gains
+            3-4 dB; four steps reconstruct no better (its small network, not its step
+            count, limits it; docs/RESULTS.md).
     """
 
     def __init__(
