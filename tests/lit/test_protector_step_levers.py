@@ -324,3 +324,53 @@ def test_inverse_adversary_steps_per_batch(surrogate):
     assert model._inverse_adv.opt.state_dict()["state"][0]["step"] == 4
     with pytest.raises(ValueError, match="steps"):
         InverseAdversary(3, CLASSES, (16, 16), steps=0)
+
+
+def test_inverse_adversary_refits_afresh_with_the_grids_fit(surrogate):
+    """``refit_every``: the pirate keeps its last ``refit_pairs`` pairs in 8 bits and, every
+    N updates once it holds that many, is replaced by the grid's own fit to them
+    (:func:`fit_inverse`, seed + refit count); the counters travel in its state."""
+    from raeg_pl.defenses.pirate import fit_inverse
+    from raeg_pl.losses.inverse_adversary import InverseAdversary
+    from raeg_pl.utils.quantize import from_uint8, to_uint8
+
+    images, labels = batch()
+    stored = (images + 0.05 * torch.sin(torch.arange(16.0))).clamp(0, 1)
+    stored = from_uint8(to_uint8(stored))
+    pirate = InverseAdversary(
+        3, CLASSES, (16, 16), lr=1e-2, seed=3, refit_every=2, refit_steps=40, refit_pairs=8
+    )
+    first_net = pirate.net
+    pirate.update(stored[:6], images[:6], labels[:6])  # 6 pairs held: too few to fit
+    pirate.update(stored[:6], images[:6], labels[:6])  # 12 held, 2 updates: due, but...
+    assert pirate.refits == 1 and pirate.net is not first_net  # ...fitted on the last 8
+    kept = pirate._pairs
+    assert [len(t) for t in kept] == [8, 8, 8]
+    assert torch.equal(kept[0], to_uint8(torch.cat([stored[4:6], stored[:6]])))
+    assert torch.equal(kept[2], torch.cat([labels[4:6], labels[:6]]))
+    expect = fit_inverse(kept[0], kept[1], kept[2], CLASSES, steps=40, seed=4)
+    with torch.no_grad():
+        mse = float(
+            torch.nn.functional.mse_loss(expect(from_uint8(kept[0]), kept[2]), from_uint8(kept[1]))
+        )
+    assert pirate.refit_psnr == pytest.approx(-10 * math.log10(mse), rel=1e-5)
+    assert mse < float(torch.nn.functional.mse_loss(stored, images))  # it learnt the change
+    pirate.update(stored[6:], images[6:], labels[6:])  # 1 update since: not due
+    assert pirate.refits == 1
+    pirate.update(stored[6:], images[6:], labels[6:])
+    assert pirate.refits == 2 and pirate.last_refit == 4
+    state = pirate.state_dict()
+    again = InverseAdversary(3, CLASSES, (16, 16), lr=1e-2, seed=3, refit_every=2)
+    again.load_state_dict(state)
+    assert (again.updates, again.refits, again.last_refit) == (4, 2, 4)
+    with pytest.raises(ValueError, match="refit_every"):
+        InverseAdversary(3, CLASSES, (16, 16), refit_every=-1)
+    # The protector hands the settings on and logs the fit's PSNR on its pairs.
+    model = module(
+        surrogate, l_invadv=0.5, invadv_refit_every=1, invadv_refit_steps=5, invadv_refit_pairs=4
+    )
+    _, logged = bare_step(model, images, labels, model.curriculum.identity)
+    assert model._inverse_adv.refits == 1 and model._inverse_adv.refit_steps == 5
+    assert float(logged["train/invadv_refit_psnr"]) == pytest.approx(model._inverse_adv.refit_psnr)
+    with pytest.raises(ValueError, match="invadv_refit_every"):
+        module(surrogate, l_invadv=0.5, invadv_refit_every=-2)

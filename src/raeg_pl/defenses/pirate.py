@@ -460,7 +460,7 @@ def fit_inverse(
         restarts: initialisations tried.
 
     Returns:
-        The fitted network, in eval mode, on the CPU; its ``restart_pair_mse`` lists each
+        The fitted network, in eval mode, on the pairs' device; its ``restart_pair_mse`` lists each
         initialisation's MSE on the pairs after the trial steps (empty when R = 1).
     """
     if protected.shape != clean.shape or protected.ndim != 4 or len(labels) != len(clean):
@@ -478,6 +478,7 @@ def fit_inverse(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 * r)
             net = InverseNet(protected.shape[1], num_classes, tuple(protected.shape[-2:]))
+        net.to(protected.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         return net, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps), gen
 

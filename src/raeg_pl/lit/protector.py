@@ -229,7 +229,10 @@ class ProtectorLitModule(L.LightningModule):
             stored images and their originals, as a pirate with leaked pairs does, and the
             protector is scored by the adversarial loss on the surrogate after that network
             has undone what it can. Counted once the adversarial term is on. Its state
-            travels in the checkpoint.
+            travels in the checkpoint. With ``invadv_refit_every`` N > 0 it is also fitted
+            afresh every N steps to the last ``invadv_refit_pairs`` pairs it saw, for
+            ``invadv_refit_steps`` steps, as the grid's learned-inverse pirate fits a
+            finished protector's pairs (0: never).
         l_volume: weight of the bits per value that storing the protected image in 8 bits
             loses (0: off): ``max(0, -log|det dG/dx|) / (C H W)`` (nats), from
             :meth:`~raeg_pl.models.protector.InvertibleProtector.forward_log_det`. A
@@ -278,6 +281,9 @@ class ProtectorLitModule(L.LightningModule):
         l_invadv: float = 0.0,
         invadv_lr: float = 3e-3,
         invadv_steps: int = 1,
+        invadv_refit_every: int = 0,
+        invadv_refit_steps: int = 1000,
+        invadv_refit_pairs: int = 1000,
         adv_mode: str = "targeted",
         adv_kind: str = "margin",
         kappa: float = 5.0,
@@ -349,6 +355,11 @@ class ProtectorLitModule(L.LightningModule):
             raise ValueError(
                 "need l_invadv >= 0, invadv_lr > 0 and invadv_steps >= 1, got "
                 f"{l_invadv}, {invadv_lr} and {invadv_steps}"
+            )
+        if invadv_refit_every < 0 or invadv_refit_steps < 1 or invadv_refit_pairs < 1:
+            raise ValueError(
+                "need invadv_refit_every >= 0, invadv_refit_steps >= 1 and invadv_refit_pairs "
+                f">= 1, got {invadv_refit_every}, {invadv_refit_steps} and {invadv_refit_pairs}"
             )
         # Built at the first training step, when the image size is known.
         self._inverse_adv: InverseAdversary | None = None
@@ -484,12 +495,13 @@ class ProtectorLitModule(L.LightningModule):
                 undone = pirate.undo(stored, labels)
                 l_invadv = self._adv_loss(surrogate(undone), labels).mean()
                 loss = loss + hp.l_invadv * l_invadv
-                self.log_dict(
-                    {
-                        "train/l_invadv": l_invadv.detach(),
-                        "train/invadv_psnr": -10 * math.log10(max(fit_mse, 1e-12)),
-                    }
-                )
+                logged = {
+                    "train/l_invadv": l_invadv.detach(),
+                    "train/invadv_psnr": -10 * math.log10(max(fit_mse, 1e-12)),
+                }
+                if pirate.refit_psnr is not None:
+                    logged["train/invadv_refit_psnr"] = pirate.refit_psnr
+                self.log_dict(logged)
         if not self._loss_is_sane(loss):
             return None
         measured = float(self._global_mean(psnr(stored.detach(), images)))
@@ -635,6 +647,9 @@ class ProtectorLitModule(L.LightningModule):
                 lr=self.hparams.invadv_lr,
                 seed=self.hparams.target_seed,
                 steps=self.hparams.invadv_steps,
+                refit_every=self.hparams.invadv_refit_every,
+                refit_steps=self.hparams.invadv_refit_steps,
+                refit_pairs=self.hparams.invadv_refit_pairs,
             )
             pirate.to(images.device)
             if self._inverse_adv_state is not None:
