@@ -331,7 +331,7 @@ def test_inverse_adversary_refits_afresh_with_the_grids_fit(surrogate):
     N updates once it holds that many, is replaced by the grid's own fit to them
     (:func:`fit_inverse`, seed + refit count); the counters travel in its state."""
     from raeg_pl.defenses.pirate import fit_inverse
-    from raeg_pl.losses.inverse_adversary import InverseAdversary
+    from raeg_pl.losses.inverse_adversary import WARM_STEPS, InverseAdversary
     from raeg_pl.utils.quantize import from_uint8, to_uint8
 
     images, labels = batch()
@@ -355,6 +355,16 @@ def test_inverse_adversary_refits_afresh_with_the_grids_fit(surrogate):
         )
     assert pirate.refit_psnr == pytest.approx(-10 * math.log10(mse), rel=1e-5)
     assert mse < float(torch.nn.functional.mse_loss(stored, images))  # it learnt the change
+    # A fit afresh by itself leaves the grid's weights as they are, its optimiser's moments
+    # filled at rate 0 and its rate restored.
+    pirate.refit()
+    again_fit = fit_inverse(kept[0], kept[1], kept[2], CLASSES, steps=40, seed=5)
+    for a, b in zip(pirate.net.parameters(), again_fit.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = pirate.opt.state_dict()
+    assert state["state"][0]["step"] == WARM_STEPS and state["param_groups"][0]["lr"] == 1e-2
+    assert pirate.refits == 2
+    pirate.refits, pirate.last_refit = 1, 2  # as before the call, for the counts below
     pirate.update(stored[6:], images[6:], labels[6:])  # 1 update since: not due
     assert pirate.refits == 1
     pirate.update(stored[6:], images[6:], labels[6:])
