@@ -27,6 +27,12 @@ def test_share_is_scale_invariant_and_in_range():
     assert 0 < s < 1
     assert float(jpeg_kept_share(7.5 * d)) == pytest.approx(s, rel=1e-5)
     assert float(jpeg_kept_share(torch.zeros(2, 3, 16, 16))) == 0.0
+    # ...with zero, finite gradients (a generator at the identity, before any warm-up);
+    # a clamped denominator gave NaN here.
+    for channels in (1, 3):
+        zero = torch.zeros(2, channels, 16, 16, requires_grad=True)
+        jpeg_kept_share(zero).backward()
+        assert torch.equal(zero.grad, torch.zeros_like(zero))
 
 
 def test_smooth_luma_scores_far_above_noise_and_chroma_detail():

@@ -131,6 +131,15 @@ def test_classmean_share_is_one_over_n_for_independent_noise(per_class):
     assert share == pytest.approx(1 / per_class, rel=0.05)
 
 
+def test_classmean_share_of_no_perturbation_is_zero_with_zero_gradients():
+    """A generator at the identity (no warm-up) changes nothing: share 0, gradients 0, not NaN."""
+    zero = torch.zeros(6, 3, 8, 8, requires_grad=True)
+    share = classmean_share(zero, torch.arange(6) % 3, 3)
+    share.backward()
+    assert float(share) == 0.0
+    assert torch.equal(zero.grad, torch.zeros_like(zero))
+
+
 def test_classmean_share_matches_class_structure_on_stored_images():
     clean, stored, labels = classwise_batch()
     noisy = stored + torch.randn(stored.shape, generator=seeded(5)) * 6 / 255

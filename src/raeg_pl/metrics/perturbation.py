@@ -63,7 +63,10 @@ def classmean_share(
         d = d if d.dtype == torch.float64 else d.float()
         onehot = F.one_hot(labels.long(), num_classes).to(d.dtype)  # (B, K)
         explained = class_mean_energy(onehot.T @ d, onehot.sum(0))
-        return explained / (d**2).sum().clamp_min(torch.finfo(d.dtype).tiny)
+        total = (d**2).sum()
+        # 0 with zero gradients for a zero perturbation (no 0 * inf from a clamped total).
+        nonzero = total > 0
+        return torch.where(nonzero, explained / torch.where(nonzero, total, 1.0), 0.0)
 
 
 def class_structure(
