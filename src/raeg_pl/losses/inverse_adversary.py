@@ -151,7 +151,8 @@ class InverseAdversary:
         """Fills the new optimiser's moments with :data:`WARM_STEPS` steps at rate 0 on the
         kept pairs (the weights do not move). From empty moments Adam's first step moves
         every weight by the full rate: on the CIFAR-10 pairs of a trained protector that
-        step costs a freshly fitted inverse 0.9 dB, won back over about 20 steps."""
+        step costs a freshly fitted inverse about 1 dB, won back over about 20 steps
+        (``benchmarks/inverse_online_steps.py``)."""
         gen = torch.Generator().manual_seed(self.seed + self.refits)
         for group in self.opt.param_groups:
             group["lr"] = 0.0
