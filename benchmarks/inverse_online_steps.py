@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from raeg_pl.data.cache import default_cache_dir, load_split_cached
 from raeg_pl.defenses.pirate import fit_inverse
-from raeg_pl.losses.inverse_adversary import WARM_STEPS
+from raeg_pl.losses.inverse_adversary import fill_moments
 from raeg_pl.utils.quantize import from_uint8
 
 
@@ -67,15 +67,9 @@ def main() -> None:
         ("empty moments, a tenth of the rate", False, args.lr / 10),
     ):
         n = copy.deepcopy(net).train()
-        opt = torch.optim.Adam(n.parameters(), lr=0.0 if warm else lr)
-        for _ in range(WARM_STEPS if warm else 0):
-            idx = fit_i[torch.randint(len(fit_i), (64,), generator=g)]
-            loss = F.mse_loss(n(from_uint8(P[idx]), Y[idx]), from_uint8(C[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        for group in opt.param_groups:
-            group["lr"] = lr
+        opt = torch.optim.Adam(n.parameters(), lr=lr)
+        if warm:
+            fill_moments(n, opt, from_uint8(P[fit_i]), from_uint8(C[fit_i]), Y[fit_i], seed=1)
         out = {}
         for s in range(args.steps):
             idx = online_i[s * 64 : (s + 1) * 64]

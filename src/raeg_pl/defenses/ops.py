@@ -31,6 +31,7 @@ from PIL import Image
 
 # The 8-bit storage step and straight-through rounding live in one place; re-exported here
 # because the defences are built from them.
+from raeg_pl.metrics.perturbation import energy_share
 from raeg_pl.utils.quantize import quantize_8bit, round_ste, to_uint8
 
 __all__ = [
@@ -300,10 +301,7 @@ def jpeg_kept_share(perturbation: torch.Tensor, quality: int = 10) -> torch.Tens
             pooled = F.pad(pooled, (0, (-pooled.shape[-1]) % 8, 0, (-pooled.shape[-2]) % 8))
             kept = weighted(y, qt_y) + 4 * weighted(pooled, qt_c)
         q_min = torch.minimum(qt_y.min(), qt_c.min())
-        # 0 for a zero perturbation, with zero gradients: dividing by a clamped total
-        # would give 0 * inf = NaN gradients (a generator at the identity, no warm-up).
-        nonzero = total > 0
-        return torch.where(nonzero, kept * q_min**2 / torch.where(nonzero, total, 1.0), 0.0)
+        return energy_share(kept * q_min**2, total)
 
 
 def _code_plane(plane: torch.Tensor, qt: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:

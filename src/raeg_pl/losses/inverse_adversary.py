@@ -37,6 +37,36 @@ from raeg_pl.utils.quantize import from_uint8, to_uint8
 WARM_STEPS = 20  # rate-0 steps that fill a new optimiser's moments after a fit afresh
 
 
+def fill_moments(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    protected: torch.Tensor,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+) -> None:
+    """Fills a new optimiser's moments with :data:`WARM_STEPS` steps at rate 0 on pairs
+    (float images in [0, 1]; the weights do not move), then restores its rates.
+
+    From empty moments Adam's first step moves every weight by the full rate: on the
+    CIFAR-10 pairs of a trained protector that step costs a freshly fitted inverse about
+    1 dB, won back over about 20 steps (``benchmarks/inverse_online_steps.py``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rates = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    with torch.enable_grad():
+        for _ in range(WARM_STEPS):
+            idx = torch.randint(len(protected), (min(64, len(protected)),), generator=gen)
+            loss = F.mse_loss(net(protected[idx], labels[idx]), clean[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for group, rate in zip(opt.param_groups, rates, strict=True):
+        group["lr"] = rate
+
+
 class InverseAdversary:
     """A learned-inverse pirate that trains on each protector batch.
 
@@ -136,37 +166,14 @@ class InverseAdversary:
                 steps=self.refit_steps,
                 seed=self.seed + self.refits,
             )
+        x, y = from_uint8(protected), from_uint8(clean)
         with torch.no_grad():
-            x, y = from_uint8(protected), from_uint8(clean)
             mse = float(F.mse_loss(net(x, labels), y))
         self.refit_psnr = -10 * math.log10(max(mse, 1e-12))
         self.net = net.train()
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        self._warm_moments(protected, clean, labels)
+        fill_moments(self.net, self.opt, x, y, labels, self.seed + self.refits)
         self.last_refit = self.updates
-
-    def _warm_moments(
-        self, protected: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor
-    ) -> None:
-        """Fills the new optimiser's moments with :data:`WARM_STEPS` steps at rate 0 on the
-        kept pairs (the weights do not move). From empty moments Adam's first step moves
-        every weight by the full rate: on the CIFAR-10 pairs of a trained protector that
-        step costs a freshly fitted inverse about 1 dB, won back over about 20 steps
-        (``benchmarks/inverse_online_steps.py``)."""
-        gen = torch.Generator().manual_seed(self.seed + self.refits)
-        for group in self.opt.param_groups:
-            group["lr"] = 0.0
-        with torch.enable_grad():
-            for _ in range(WARM_STEPS):
-                idx = torch.randint(len(protected), (min(64, len(protected)),), generator=gen)
-                loss = F.mse_loss(
-                    self.net(from_uint8(protected[idx]), labels[idx]), from_uint8(clean[idx])
-                )
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
 
     def undo(self, stored: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The pirate's estimate of the originals, differentiable in ``stored`` and not in
@@ -188,4 +195,4 @@ class InverseAdversary:
         self.last_refit = state.get("last_refit", 0)
 
 
-__all__ = ["InverseAdversary"]
+__all__ = ["InverseAdversary", "fill_moments"]

@@ -63,10 +63,17 @@ def classmean_share(
         d = d if d.dtype == torch.float64 else d.float()
         onehot = F.one_hot(labels.long(), num_classes).to(d.dtype)  # (B, K)
         explained = class_mean_energy(onehot.T @ d, onehot.sum(0))
-        total = (d**2).sum()
-        # 0 with zero gradients for a zero perturbation (no 0 * inf from a clamped total).
-        nonzero = total > 0
-        return torch.where(nonzero, explained / torch.where(nonzero, total, 1.0), 0.0)
+        return energy_share(explained, (d**2).sum())
+
+
+def energy_share(part: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``part / total`` for energies, 0 with zero gradients where ``total`` is 0.
+
+    A share of a zero perturbation (a generator at the identity, before any warm-up) is 0;
+    dividing by a clamped total instead gives 0 * inf = NaN gradients.
+    """
+    nonzero = total > 0
+    return torch.where(nonzero, part / torch.where(nonzero, total, 1.0), 0.0)
 
 
 def class_structure(
