@@ -292,10 +292,17 @@ class Grid(StageRunner):
                 say=self.say,
             )
 
+        # A row's display label is no part of what the stage computes, nor are the optional
+        # terms its protector names at their defaults.
+        rec_spec = {k: v for k, v in spec.items() if k != "label"}
+        if isinstance((rec_spec.get("protector") or {}).get("model"), dict):
+            from raeg_pl.lit.protector import recipe_model_args
+
+            model = recipe_model_args(rec_spec["protector"]["model"])
+            rec_spec["protector"] = {**rec_spec["protector"], "model": model}
         recipe = {
             "stage": "method",
-            # A row's display label is no part of what the stage computes.
-            "spec": {k: v for k, v in spec.items() if k != "label"},
+            "spec": rec_spec,
             "data": self.data_cfg,
             "eval_defenses": self.eval_defenses,
             "inference_per_class": self.cfg.get("inference_per_class"),

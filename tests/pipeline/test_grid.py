@@ -26,6 +26,7 @@ TINY = [
     "data.test_per_class=6",
     "data.batch_size=32",
     "surrogates.0.max_epochs=1",
+    "surrogates.1.max_epochs=1",
     "protector.max_epochs=1",
     "protector.model.warmup_steps=1",
     "protector.model.adv_ramp_steps=2",
@@ -357,7 +358,8 @@ def test_a_grid_resumes_from_kept_records_on_a_fresh_machine(fake_data, tmp_path
     # classwise_noise: its method stage ran again, and only the dropped pirate trained.
     assert "methods/classwise_noise: running" in out
     assert "pirates/classwise_noise/resnet/gray/seed0: running" in out
-    assert out.count(": running") == 2 + out.count("surrogate_0: running")
+    trained = out.count("surrogate_0: running") + out.count("surrogate_1: running")
+    assert out.count(": running") == 2 + trained
     for row in ("clean", "raeg_paper", "classwise_noise"):
         for defense in ("none", "gray"):
             assert (

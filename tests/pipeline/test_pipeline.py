@@ -22,6 +22,7 @@ TINY = [
     "data.test_per_class=10",
     "data.batch_size=32",
     "surrogates.0.max_epochs=1",
+    "surrogates.1.max_epochs=1",
     "protector.max_epochs=1",
     "protector.model.warmup_steps=1",
     "protector.model.adv_ramp_steps=2",
@@ -88,7 +89,7 @@ def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, ca
     # A third run has nothing left to do.
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 10 and "holds this protector, kept" in out
+    assert out.count("done before, skipped") == 11 and "holds this protector, kept" in out
     assert (run / "owner.raegkey").stat().st_mtime_ns == key_stamp
     for stage in ("surrogate_0", "protector", "export", "pirate_none", "authorized"):
         assert json.loads((run / stage / "recipe.json").read_text())["hash"]
@@ -114,7 +115,7 @@ def test_pipeline_runs_end_to_end_and_resumes(data_root, cache_dir, tmp_path, ca
     assert main([*args, "protector.model.label_conditioned=false"]) == 2
     assert "spec.model.label_conditioned" in capsys.readouterr().err
     assert main(args) == 0  # the unchanged config still reuses everything
-    assert capsys.readouterr().out.count("done before, skipped") == 10
+    assert capsys.readouterr().out.count("done before, skipped") == 11
 
 
 @pytest.mark.parametrize("config", PIPELINE_CONFIGS, ids=lambda p: p.name)

@@ -90,6 +90,41 @@ def test_a_changed_recipe_changes_the_hashes(tmp_path):
     ]
 
 
+def test_an_optional_term_named_at_its_default_is_the_recipe_without_it(tmp_path):
+    config = "experiments/protect/quick.yaml"
+    base = stage_hashes(config, tmp_path / "a")
+
+    def walk(name, *overrides):
+        cfg = load_pipeline_config(REPO / config, list(overrides))
+        return PipelineRecipes(cfg, tmp_path / name).walk()
+
+    assert walk("off", "protector.model.l_unroll=0.0", "protector.model.unroll_steps=2") == base
+    on = walk("on", "protector.model.l_unroll=0.1")
+    assert on["protector"] != base["protector"] and on["surrogate_0"] == base["surrogate_0"]
+    # Only the optional terms: a core argument named at its default is still named.
+    assert walk("core", "protector.model.clamp=1.0")["protector"] != base["protector"]
+
+
+def test_optional_terms_are_protector_arguments_that_default_to_off():
+    import inspect
+
+    from raeg_pl.lit.protector import OPTIONAL_TERM_ARGS, ProtectorLitModule
+
+    params = inspect.signature(ProtectorLitModule.__init__).parameters
+    assert set(OPTIONAL_TERM_ARGS) <= set(params)
+    assert all(params[k].default == 0 for k in OPTIONAL_TERM_ARGS if k.startswith("l_"))
+
+
+def test_the_default_protector_is_the_ablation_row_it_was_chosen_from():
+    # make train, the main grids' RAEG-C row and the ablation's measured row are one fit.
+    for profile in ("quick", "paper"):
+        default = RECORDED[f"experiments/protect/{profile}.yaml"]["protector"]
+        row = RECORDED[f"experiments/ablation/{profile}.yaml"]["protector_inverse_adversary_steps4"]
+        main = RECORDED[f"experiments/main/{profile}.yaml"]["protector_raeg_cond"]
+        assert default == row == main
+        assert RECORDED[f"experiments/ablation/{profile}.yaml"]["protector_full"] != default
+
+
 def test_every_pipeline_and_grid_experiment_is_pinned():
     tables = ("main", "robustness", "fidelity", "inference", "ablation", "protect")
     expected = {f"experiments/{t}/{p}.yaml" for t in tables for p in ("quick", "paper")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -133,6 +134,41 @@ def load_surrogate(path: str | Path) -> torch.nn.Module:
             _LOADED_SURROGATES.popitem(last=False)
     _LOADED_SURROGATES.move_to_end(key)
     return copy.deepcopy(model)
+
+
+# The optional loss terms and their settings. At their defaults (a term off, or a setting a
+# term that is off never reads) they change nothing a fit does, so a recipe that names one at
+# its default is the recipe that leaves it out: a config may switch a term off explicitly, or
+# a term may be added to the code, without changing the hash of any fit that does not use it.
+OPTIONAL_TERM_ARGS = (
+    "l_classmean",
+    "l_jpegkeep",
+    "jpegkeep_quality",
+    "l_unroll",
+    "unroll_steps",
+    "unroll_lr",
+    "unroll_width",
+    "unroll_reset",
+    "l_volume",
+    "l_invadv",
+    "invadv_lr",
+    "invadv_steps",
+    "invadv_refit_every",
+    "invadv_refit_steps",
+    "invadv_refit_pairs",
+)
+
+
+def recipe_model_args(model: dict) -> dict:
+    """``model`` (ProtectorLitModule arguments) without the optional terms' defaults.
+
+    >>> recipe_model_args({"l_adv": 0.1, "l_invadv": 0.0, "invadv_steps": 1, "l_volume": 0.4})
+    {'l_adv': 0.1, 'l_volume': 0.4}
+    """
+    params = inspect.signature(ProtectorLitModule.__init__).parameters
+    return {
+        k: v for k, v in model.items() if not (k in OPTIONAL_TERM_ARGS and v == params[k].default)
+    }
 
 
 class ProtectorLitModule(L.LightningModule):

@@ -24,7 +24,15 @@ KEY_FILE = "owner.raegkey"
 
 
 def protector_recipe(runner: StageRunner, spec: dict, surrogate_ckpts: list[Path]) -> dict:
-    """The protector stage's recipe: its spec, data, trainer, seed and the surrogates' hashes."""
+    """The protector stage's recipe: its spec, data, trainer, seed and the surrogates' hashes.
+
+    The optional loss terms named at their defaults are left out of ``spec.model``
+    (:func:`raeg_pl.lit.protector.recipe_model_args`): the same fit, the same hash.
+    """
+    from raeg_pl.lit.protector import recipe_model_args
+
+    if isinstance(spec.get("model"), dict):
+        spec = {**spec, "model": recipe_model_args(spec["model"])}
     return {
         "stage": "protector",
         "spec": spec,
