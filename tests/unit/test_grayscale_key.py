@@ -87,6 +87,9 @@ def test_grey_folder_protects_verifies_and_restores_bit_exact(tmp_path) -> None:
 
     approx = restore_folder(key, out, tmp_path / "approx", progress=False, find_sidecar=False)
     assert approx.ok and len(approx.written) == 6
+    # Asked not to search, the note says so instead of claiming the sidecar is missing.
+    assert any("approximate restore, as asked" in n for n in approx.notes), approx.notes
+    assert not any("no lossless sidecar at" in n for n in approx.notes), approx.notes
     with Image.open(tmp_path / "approx" / "zero" / "0.png") as im:
         err = np.abs(np.asarray(im).astype(int) - originals["zero/0.png"]).mean()
     assert err < 4, err

@@ -60,7 +60,13 @@ def find_sidecar_dir(
             "8-bit storage of the protected images loses what only a sidecar keeps"
         )
     default = default_sidecar_dir(src)
-    if find and default.is_dir():
+    if not find:
+        return None, (
+            "approximate restore, as asked (no sidecar searched for): without the "
+            f"lossless sidecar (protect wrote it to {default}) the 8-bit rounding of the "
+            "protected images cannot be undone exactly"
+        )
+    if default.is_dir():
         return default, f"lossless sidecar found at {default}"
     return None, (
         f"approximate restore: no lossless sidecar at {default} (its default place); "

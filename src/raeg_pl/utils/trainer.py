@@ -230,6 +230,9 @@ _NOT_EMPTY_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",
     r"Experiment logs directory .* exists and is not empty",
 )
+# Lightning 2.6's pytree helper builds torch's deprecated LeafSpec: a FutureWarning at the
+# end of every fit that names neither the run nor anything its user can change.
+_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 # Lightning's rank-zero messages go to one of these loggers (whichever package set it last).
 LIGHTNING_RANK_ZERO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
@@ -245,14 +248,16 @@ class _DropTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Hides Lightning's advertising tips and its "directory exists and is not empty"
-    warnings (idempotent; every run's callbacks call it)."""
+    """Hides Lightning's advertising tips, its "directory exists and is not empty"
+    warnings and its use of torch's deprecated ``LeafSpec`` (idempotent; every run's
+    callbacks call it)."""
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in log.filters):
             log.addFilter(_DropTips())
     for message in _NOT_EMPTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
 
 
 def stage_label(run_dir: str | os.PathLike) -> str:
