@@ -133,7 +133,8 @@ def main(args: list[str]) -> int:
     ap.add_argument("--run_dir", default=None, help="run directory (default: the config's)")
     ap.add_argument("--stop_after", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. protector.max_epochs=2")
-    ns = ap.parse_args(args)
+    # Overrides may stand on both sides of an option (`seed=0 --run_dir D lr=0.1`).
+    ns = ap.parse_intermixed_args(args)
     cfg = load_pipeline_config(ns.config, ns.overrides)
     try:
         Pipeline(cfg, ns.run_dir, stop_after=ns.stop_after).run()
