@@ -295,11 +295,10 @@ class Grid(StageRunner):
         # A row's display label is no part of what the stage computes, nor are the optional
         # terms its protector names at their defaults.
         rec_spec = {k: v for k, v in spec.items() if k != "label"}
-        if isinstance((rec_spec.get("protector") or {}).get("model"), dict):
-            from raeg_pl.lit.protector import recipe_model_args
+        if isinstance(rec_spec.get("protector"), dict):
+            from raeg_pl.lit.protector import recipe_protector_spec
 
-            model = recipe_model_args(rec_spec["protector"]["model"])
-            rec_spec["protector"] = {**rec_spec["protector"], "model": model}
+            rec_spec["protector"] = recipe_protector_spec(rec_spec["protector"])
         recipe = {
             "stage": "method",
             "spec": rec_spec,

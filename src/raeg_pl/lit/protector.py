@@ -171,6 +171,14 @@ def recipe_model_args(model: dict) -> dict:
     }
 
 
+def recipe_protector_spec(spec: dict) -> dict:
+    """A protector spec (``{"model": {...}, ...}``) as its recipe records it: the model
+    arguments through :func:`recipe_model_args`; a spec without a model dict as it is."""
+    if not isinstance(spec.get("model"), dict):
+        return spec
+    return {**spec, "model": recipe_model_args(spec["model"])}
+
+
 class ProtectorLitModule(L.LightningModule):
     """Trains the protector: the invertible one, or the encoder-decoder ablation baseline.
 

@@ -27,15 +27,13 @@ def protector_recipe(runner: StageRunner, spec: dict, surrogate_ckpts: list[Path
     """The protector stage's recipe: its spec, data, trainer, seed and the surrogates' hashes.
 
     The optional loss terms named at their defaults are left out of ``spec.model``
-    (:func:`raeg_pl.lit.protector.recipe_model_args`): the same fit, the same hash.
+    (:func:`raeg_pl.lit.protector.recipe_protector_spec`): the same fit, the same hash.
     """
-    from raeg_pl.lit.protector import recipe_model_args
+    from raeg_pl.lit.protector import recipe_protector_spec
 
-    if isinstance(spec.get("model"), dict):
-        spec = {**spec, "model": recipe_model_args(spec["model"])}
     return {
         "stage": "protector",
-        "spec": spec,
+        "spec": recipe_protector_spec(spec),
         "data": runner.data_cfg,
         "trainer": runner.trainer_cfg,
         "seed": runner.seed,
