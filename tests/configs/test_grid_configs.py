@@ -13,6 +13,9 @@ from raeg_pl.grid import Grid
 REPO = Path(__file__).resolve().parents[2]
 TABLES = ("main", "robustness", "fidelity", "inference", "ablation")
 GRIDS = [REPO / "experiments" / t / f"{p}.yaml" for t in TABLES for p in ("quick", "paper")]
+# Grids of one profile on another dataset (the digits: one channel, 36-39 test images a class).
+GRIDS += [REPO / "experiments" / "ablation" / "digits_quick.yaml"]
+DIGITS_ABLATION = GRIDS[-1]
 PIPELINES = sorted((REPO / "experiments" / "protect").glob("*.yaml"))
 MAIN_QUICK = REPO / "experiments" / "main" / "quick.yaml"
 
@@ -202,3 +205,25 @@ def test_a_row_that_cannot_be_built_stops_the_grid_before_training(
     assert main(args) == 2
     assert named in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_an_inference_subset_larger_than_the_test_split_stops_the_grid_before_training(
+    tmp_path, capsys
+):
+    from raeg_pl.cli import main
+    from raeg_pl.stages.check import test_class_counts
+
+    cfg = load_grid_config(DIGITS_ABLATION)
+    counts = test_class_counts(cfg["data"])
+    assert counts is not None and len(counts) == 10 and sum(counts.values()) == 359
+    rarest = min(counts.values())
+    run = tmp_path / "grid"
+    args = ["grid", "--config", str(DIGITS_ABLATION), "--run_dir", str(run), *SMALL]
+    args += ["rows={full: {kind: raeg}}", f"inference_per_class={rarest + 1}"]
+    assert main([*args, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"has only {rarest}; set it to at most {rarest}" in err, err
+    assert main(args) == 2
+    assert not run.exists()
+    # At the rarest class's count the same grid builds.
+    assert main([*args[:-1], f"inference_per_class={rarest}", "--check"]) == 0

@@ -77,6 +77,46 @@ def data_geometry(data_cfg: dict) -> tuple[int, int, tuple[int, int]]:
     raise DatasetError(f"{located.train}: no readable image")
 
 
+def test_class_counts(data_cfg: dict) -> dict[str, int] | None:
+    """Images per class folder of the data's test split, counted by name without decoding.
+
+    None when the data is not on this machine or is not a folder (torchvision's CIFAR-10
+    batches: 1,000 per class).
+    """
+    from raeg_pl.io.reader import is_image_file
+
+    dm = ImageClassificationDataModule(**{**data_cfg, "download": False})
+    try:
+        test = dm.locate().test
+    except DatasetError:
+        return None
+    if test is None:
+        return None
+    return {
+        d.name: sum(1 for f in d.iterdir() if f.is_file() and is_image_file(f.name))
+        for d in sorted(test.iterdir())
+        if d.is_dir()
+    }
+
+
+def check_inference_subset(cfg: dict) -> list[str]:
+    """``inference_per_class`` against the test split: one line when a class has fewer."""
+    wanted = cfg.get("inference_per_class")
+    if wanted is None:
+        return []
+    counts = test_class_counts(cfg.get("data") or {})
+    if not counts:
+        return []
+    rarest = min(counts, key=counts.get)
+    if counts[rarest] >= int(wanted):
+        return []
+    return [
+        f"inference_per_class: {wanted} test images per class asked, but class {rarest!r} of "
+        f"the test split has only {counts[rarest]}; set it to at most {counts[rarest]}, or "
+        "null for the whole split"
+    ]
+
+
 def build_classifier(model_cfg: dict, classes: int, channels: int):
     """A freshly initialised :class:`~raeg_pl.lit.classifier.ClassifierLitModule`."""
     from raeg_pl.lit.classifier import ClassifierLitModule
@@ -235,8 +275,8 @@ def check_grid_builds(cfg: dict, say=None) -> list[str]:
 
     Returns:
         One line per part that cannot be built, naming it (``rows.<row>``,
-        ``pirates.<arch>``, ``surrogates.<i>``, ``data``) with the error; empty when every
-        part builds.
+        ``pirates.<arch>``, ``surrogates.<i>``, ``data``, ``inference_per_class``) with the
+        error; empty when every part builds.
     """
     from raeg_pl.lit.protector import load_surrogate
     from raeg_pl.methods import create_method
@@ -246,6 +286,7 @@ def check_grid_builds(cfg: dict, say=None) -> list[str]:
         channels, classes, size = data_geometry(cfg.get("data") or {})
     except Exception as e:  # noqa: BLE001 - reported by name, the grid stops
         return [f"data: {_error(e)}"]
+    problems += check_inference_subset(cfg)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, channels, *size, generator=gen)
     labels = torch.arange(2) % classes
@@ -316,9 +357,11 @@ __all__ = [
     "build_protector",
     "check_forward",
     "check_grid_builds",
+    "check_inference_subset",
     "check_pirate_data_defense",
     "check_training_step",
     "data_geometry",
     "protector_side",
     "save_classifier_checkpoint",
+    "test_class_counts",
 ]
