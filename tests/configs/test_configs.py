@@ -8,17 +8,27 @@ import pytest
 import yaml
 
 from raeg_pl.cli import _load_with_defaults, lightning_main
+from raeg_pl.config import GRID_KEYS, PIPELINE_KEYS
 from raeg_pl.pipeline import deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
+# Top-level keys that only ``raeg pipeline`` / ``raeg grid`` read; a LightningCLI config has
+# ``run_dir``, ``trainer``, ``data`` and ``wandb`` too, so those say nothing.
+PIPELINE_ONLY = (set(PIPELINE_KEYS) | set(GRID_KEYS)) - {
+    "run_dir",
+    "seed",
+    "trainer",
+    "data",
+    "wandb",
+}
 
 
 def is_pipeline_config(path: Path) -> bool:
-    """Pipeline and grid configs (``raeg pipeline`` / ``raeg grid``), not LightningCLI ones."""
+    """Pipeline and grid configs and their presets, not LightningCLI ones."""
     cfg: dict = {}
     for text in _load_with_defaults(path):
         cfg = deep_merge(cfg, yaml.safe_load(text) or {})
-    return "surrogates" in cfg or "protector" in cfg
+    return bool(PIPELINE_ONLY & set(cfg))
 
 
 EXPERIMENTS = sorted(
