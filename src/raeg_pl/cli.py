@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import sys
 
-from raeg_pl.config import expand_config_args, load_config_texts
+from raeg_pl.config import expand_config_args
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-# Kept for callers of the former name; the implementation is raeg_pl.config.load_config_texts.
-_load_with_defaults = load_config_texts
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True):

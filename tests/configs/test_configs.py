@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raeg_pl.cli import _load_with_defaults, lightning_main
-from raeg_pl.config import GRID_KEYS, PIPELINE_KEYS
-from raeg_pl.pipeline import deep_merge
+from raeg_pl.cli import lightning_main
+from raeg_pl.config import GRID_KEYS, PIPELINE_KEYS, deep_merge, load_config_texts
 
 REPO = Path(__file__).resolve().parents[2]
 # Top-level keys that only ``raeg pipeline`` / ``raeg grid`` read; a LightningCLI config has
@@ -26,7 +25,7 @@ PIPELINE_ONLY = (set(PIPELINE_KEYS) | set(GRID_KEYS)) - {
 def is_pipeline_config(path: Path) -> bool:
     """Pipeline and grid configs and their presets, not LightningCLI ones."""
     cfg: dict = {}
-    for text in _load_with_defaults(path):
+    for text in load_config_texts(path):
         cfg = deep_merge(cfg, yaml.safe_load(text) or {})
     return bool(PIPELINE_ONLY & set(cfg))
 
