@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from raeg_pl.data.datamodule import ImageClassificationDataModule
 from raeg_pl.lit.classifier import ClassifierLitModule
 from raeg_pl.utils.run import to_float_dict, write_results
-from raeg_pl.utils.trainer import run_callbacks, run_loggers
+from raeg_pl.utils.trainer import effective_precision, run_callbacks, run_loggers
 
 
 class RaegCLI(LightningCLI):
@@ -54,6 +54,10 @@ class RaegCLI(LightningCLI):
         cfg = self._cfg()
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks, self.history = run_callbacks(cfg["run_dir"], trainer_cfg.get("callbacks"))
+        if trainer_cfg.get("precision") is not None:
+            kwargs["precision"] = effective_precision(
+                trainer_cfg["precision"], trainer_cfg.get("accelerator", "auto")
+            )
         kwargs = {
             "default_root_dir": str(cfg["run_dir"]),
             "logger": run_loggers(cfg["run_dir"], dict(cfg["wandb"])),

@@ -23,6 +23,7 @@ from raeg_pl.data.datamodule import ImageClassificationDataModule
 from raeg_pl.utils.files import RECIPE_FILE, RESULTS_FILE, write_atomic_text
 from raeg_pl.utils.run import config_hash, process_rank, to_float_dict, write_results
 from raeg_pl.utils.trainer import (
+    effective_precision,
     end_wandb_run,
     log_final_metrics,
     run_callbacks,
@@ -127,13 +128,16 @@ def make_trainer(
             "trainer.max_steps / trainer.limit_train_batches"
         )
     callbacks, history = run_callbacks(stage_dir, monitor=monitor, mode=mode)
+    args = {"num_sanity_val_steps": 0, "log_every_n_steps": 20, **trainer_cfg, **extra}
+    if "precision" in args:
+        args["precision"] = effective_precision(args["precision"], args.get("accelerator"))
     trainer = L.Trainer(
         default_root_dir=str(stage_dir),
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=run_loggers(stage_dir, wandb),
         enable_model_summary=False,
-        **{"num_sanity_val_steps": 0, "log_every_n_steps": 20, **trainer_cfg, **extra},
+        **args,
     )
     return trainer, history
 
@@ -194,6 +198,7 @@ def train_classifier(
         "history": history.history,
         "splits": dm.split_sizes,
         "fit_seconds": round(fit_s, 1),
+        "precision": str(trainer.precision),
         "model": model_cfg,
         "data": data_cfg,
         "max_epochs": max_epochs,

@@ -89,6 +89,7 @@ def run_protector(
             "history": history.history,
             "splits": dm.split_sizes,
             "fit_seconds": round(fit_s, 1),
+            "precision": str(trainer.precision),
             "recoveries": model.recoveries,
             "protector_fingerprint": model.protector.fingerprint(),
             "protector_config": model.protector.config,

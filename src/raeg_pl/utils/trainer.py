@@ -260,6 +260,53 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
 
 
+#: Set to 1 to keep a bf16 precision on a CPU without native bf16 instructions.
+CPU_BF16_ENV = "RAEG_CPU_BF16"
+_PRECISION_NOTICES: set[tuple[str, str]] = set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX-512 BF16/AMX, as oneDNN reports it).
+
+    Elsewhere (AVX2 only) bf16 autocast is emulated: a training step of the project's small
+    ResNet at batch 64 took 7.8 s in bf16 against 0.37 s in float32 on an AVX2 EPYC.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the oneDNN query
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+
+
+def effective_precision(precision: Any, accelerator: Any = "auto") -> Any:
+    """The Trainer precision to run with: ``precision``, except a bf16 one on a CPU that has
+    no native bf16, which runs in ``"32-true"`` (one notice per process says so; set
+    ``RAEG_CPU_BF16=1`` to keep bf16 there). The config and the recipe keep what was asked;
+    stages record the precision they ran with.
+
+    Args:
+        precision: the config's Trainer precision (``"bf16-mixed"``, ``"32-true"``, ...).
+        accelerator: the config's Trainer accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
+    """
+    if precision is None or "bf16" not in str(precision):
+        return precision
+    on_cpu = str(accelerator) == "cpu" or (
+        str(accelerator) in ("auto", "None") and not torch.cuda.is_available()
+    )
+    if not on_cpu or os.environ.get(CPU_BF16_ENV) == "1" or cpu_has_fast_bf16():
+        return precision
+    key = (str(precision), str(accelerator))
+    if key not in _PRECISION_NOTICES:
+        _PRECISION_NOTICES.add(key)
+        logging.getLogger("raeg_pl").warning(
+            "precision %s asked on a CPU without native bf16 (%s): running in 32-true, "
+            "about 20x faster there (%s=1 keeps bf16)",
+            precision,
+            torch.backends.cpu.get_cpu_capability(),
+            CPU_BF16_ENV,
+        )
+    return "32-true"
+
+
 def stage_label(run_dir: str | os.PathLike) -> str:
     """How progress lines name a run folder: its name, or ``pirates/<row>/<arch>/...`` for
     a grid's pirate (whose last folder alone, ``seed<k>``, says little)."""
