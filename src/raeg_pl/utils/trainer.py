@@ -268,8 +268,9 @@ _PRECISION_NOTICES: set[tuple[str, str]] = set()
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 natively (AVX-512 BF16/AMX, as oneDNN reports it).
 
-    Elsewhere (AVX2 only) bf16 autocast is emulated: a training step of the project's small
-    ResNet at batch 64 took 7.8 s in bf16 against 0.37 s in float32 on an AVX2 EPYC.
+    Elsewhere (AVX2 only) bf16 autocast is emulated: a training step of the quick profile's
+    classifiers at batch 64 took 5-17 times as long in bf16 as in float32 on an AVX2 EPYC
+    (``benchmarks/bench_precision.py``).
     """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -299,7 +300,7 @@ def effective_precision(precision: Any, accelerator: Any = "auto") -> Any:
         _PRECISION_NOTICES.add(key)
         logging.getLogger("raeg_pl").warning(
             "precision %s asked on a CPU without native bf16 (%s): running in 32-true, "
-            "about 20x faster there (%s=1 keeps bf16)",
+            "5-17x faster there (%s=1 keeps bf16)",
             precision,
             torch.backends.cpu.get_cpu_capability(),
             CPU_BF16_ENV,
