@@ -19,7 +19,8 @@ PYTEST_WORKERS ?= 2
 # Data root: $RAEG_DATA_DIR if set, else a sibling shared/datasets copy when one exists,
 # else ./data (CIFAR-10 is then downloaded through torchvision where the network allows).
 export RAEG_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/datasets) data))
-export RAEG_CACHE_DIR ?= $(CURDIR)/data/cache
+# The cache sits outside every data root (data roots are read-only, ./data included).
+export RAEG_CACHE_DIR ?= $(CURDIR)/.cache
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
