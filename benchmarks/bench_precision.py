@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from raeg_pl.models.classifier import create_classifier
+from raeg_pl.utils.files import write_atomic_text
 from raeg_pl.utils.trainer import cpu_has_fast_bf16, effective_precision
 
 ARCHS = ("resnet_tiny_cifar", "vgg_tiny_cifar", "mobilenet_tiny_cifar", "vit_micro_cifar")
@@ -80,9 +80,7 @@ def main() -> None:
         f"CPU {report['cpu_capability']}, native bf16: {report['native_bf16']}; "
         f"bf16-mixed runs as {report['trainers_run_bf16_mixed_as']}"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic_text(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,35 @@ def small_folder(data_root, tmp_path) -> Path:
     return out
 
 
+@pytest.fixture()
+def preset_cli(tmp_path, small_folder):
+    """Builds (does not run) the LightningCLI of a config on ``small_folder``: call it with
+    the config file and more command-line arguments."""
+    from raeg_pl.cli import lightning_main
+
+    def build(config: Path, *args: str):
+        return lightning_main(
+            [
+                "--config",
+                str(config),
+                *args,
+                "--data.dataset",
+                small_folder.name,
+                "--data.data_dir",
+                str(small_folder.parent),
+                "--data.val_per_class",
+                "2",
+                "--data.cache_dir",
+                str(tmp_path / "c"),
+                "--run_dir",
+                str(tmp_path / "run"),
+            ],
+            run=False,
+        )
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_data(data_root, cache_dir) -> dict:
     """Data-module arguments of the tiny real-CIFAR-10 protector fits (2 val/test per class)."""

@@ -86,25 +86,6 @@ def test_experiment_runs_one_batch(config, data_root, cache_dir, tmp_path):
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
-def test_preset_builds_a_trainer(preset, tmp_path, small_folder):
-    cli = lightning_main(
-        [
-            "--config",
-            str(preset),
-            *CPU,
-            "--data.dataset",
-            small_folder.name,
-            "--data.data_dir",
-            str(small_folder.parent),
-            "--data.val_per_class",
-            "2",
-            "--data.cache_dir",
-            str(tmp_path / "c"),
-            "--run_dir",
-            str(tmp_path / "run"),
-            "--wandb.offline",
-            "true",
-        ],
-        run=False,
-    )
+def test_preset_builds_a_trainer(preset, preset_cli):
+    cli = preset_cli(preset, *CPU, "--wandb.offline", "true")
     assert cli.trainer is not None and cli.model.hparams.num_classes == 3

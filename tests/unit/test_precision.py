@@ -50,24 +50,5 @@ def test_a_stage_trainer_runs_with_the_effective_precision(slow_bf16, tmp_path):
     assert cfg["precision"] == "bf16-mixed"  # the config (and so the recipe) is untouched
 
 
-def test_the_lightning_cli_runs_with_the_effective_precision(slow_bf16, tmp_path, small_folder):
-    from raeg_pl.cli import lightning_main
-
-    cli = lightning_main(
-        [
-            "--config",
-            str(CPU_PRESET),
-            "--data.dataset",
-            small_folder.name,
-            "--data.data_dir",
-            str(small_folder.parent),
-            "--data.val_per_class",
-            "2",
-            "--data.cache_dir",
-            str(tmp_path / "c"),
-            "--run_dir",
-            str(tmp_path / "run"),
-        ],
-        run=False,
-    )
-    assert cli.trainer.precision == "32-true"
+def test_the_lightning_cli_runs_with_the_effective_precision(slow_bf16, preset_cli):
+    assert preset_cli(CPU_PRESET).trainer.precision == "32-true"
