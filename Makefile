@@ -13,6 +13,9 @@ PROFILE ?= quick
 TABLES ?= main robustness fidelity inference
 OUT ?=
 PYTEST_ARGS ?=
+# Kept result records (raeg table --keep-records) that `make tables` resumes from, e.g.
+# RECORDS=docs/tables/quick/records: their stages are not run again.
+RECORDS ?=
 # Test processes (pytest-xdist), each on one thread; each test file stays in one process.
 PYTEST_WORKERS ?= 2
 
@@ -41,7 +44,7 @@ train: install ## run the default protection experiment end to end (EXP=<config>
 tables: install ## run the grids of TABLES (PROFILE=quick here, PROFILE=paper on GPUs) and build the tables
 	@for t in $(TABLES); do \
 	  echo "== $$t ($(PROFILE))"; \
-	  $(BIN)/raeg grid --config experiments/$$t/$(PROFILE).yaml || exit 1; \
+	  $(BIN)/raeg grid --config experiments/$$t/$(PROFILE).yaml $(if $(RECORDS),--records $(RECORDS),) || exit 1; \
 	done
 	$(BIN)/raeg table --runs runs/tables/$(PROFILE) --out runs/tables/$(PROFILE)/tables
 	$(if $(filter ablation,$(TABLES)),$(BIN)/raeg table --runs runs/tables/$(PROFILE)_ablation \
