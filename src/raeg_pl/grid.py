@@ -269,7 +269,7 @@ class Grid(StageRunner):
         surrogates = [surrogates[int(i)] for i in picked] if picked is not None else surrogates
         if params.get("kind") == "raeg":
             params["checkpoint"] = str(self.row_protector(row, spec, surrogates))
-        heldout_stages = [self._pirate_dir(CLEAN, a, "none", self.seeds[0]) for a in self.heldout]
+        heldout_stages = [self.heldout_dir(a) for a in self.heldout]
 
         def run(stage_dir):
             return export_method(
@@ -314,6 +314,12 @@ class Grid(StageRunner):
             },
         }
         return self.run_stage(f"methods/{row}", run, recipe)
+
+    def heldout_dir(self, arch: str) -> Path:
+        """The clean-trained held-out classifier ``arch`` that every method stage attacks: one
+        per grid, at the grid's ``seed``, whichever pirate ``seeds`` a run or worker job trains
+        (so ``seeds=[1,2]`` after ``[0]`` keeps the method stages' recipes)."""
+        return self._pirate_dir(CLEAN, arch, "none", self.seed)
 
     def _pirate_dir(self, row: str, arch: str, defense: str, seed: int, source: str = "") -> Path:
         """``pirates/<row>/<arch>/<defence or authorized>/seed<k>`` of the grid folder."""
@@ -448,7 +454,7 @@ class Grid(StageRunner):
         # The held-out clean-trained classifiers of the inference-time table come first: every
         # method stage evaluates its protected test images on them.
         for arch in self.heldout:
-            self.pirate_stage(CLEAN, arch, "none", self.seeds[0], "clean")
+            self.pirate_stage(CLEAN, arch, "none", self.seed, "clean")
         reversible = {}
         for row in rows:
             with self._dry_if(lazy is not None and row in lazy["kept_rows"]):

@@ -384,3 +384,20 @@ def test_a_grid_resumes_from_kept_records_on_a_fresh_machine(fake_data, tmp_path
     out = capsys.readouterr().out
     assert "pirates/clean/resnet/none/seed0: kept record not used" in out
     assert "pirates/clean/resnet/none/seed0: running" in out
+
+
+def test_held_out_classifiers_do_not_follow_the_pirate_seeds():
+    """The method stages attack one set of held-out classifiers, at the grid's seed: a run
+    (or a worker job) of other pirate seeds plans the same ones, so the method stages it
+    shares keep their recipes (seeds=[1,2] after [0,1,2] trained seed-1 classifiers and
+    then refused every method stage as changed)."""
+    from raeg_pl.grid import Grid, load_grid_config
+
+    main_quick = REPO / "experiments" / "main" / "quick.yaml"
+    full = Grid(load_grid_config(main_quick))
+    later = Grid(load_grid_config(main_quick, ["seeds=[1,2]"]))
+    assert full.heldout and later.seeds == [1, 2]
+    dirs = [later.heldout_dir(a) for a in later.heldout]
+    assert dirs == [full.heldout_dir(a) for a in full.heldout]
+    assert all(d.name == "seed0" for d in dirs), dirs
+    assert [Grid(load_grid_config(main_quick, ["seed=3"])).heldout_dir("vgg").name] == ["seed3"]
