@@ -46,7 +46,8 @@ tables: install ## run the grids of TABLES (PROFILE=quick here, PROFILE=paper on
 	  echo "== $$t ($(PROFILE))"; \
 	  $(BIN)/raeg grid --config experiments/$$t/$(PROFILE).yaml $(if $(RECORDS),--records $(RECORDS),) || exit 1; \
 	done
-	$(BIN)/raeg table --runs runs/tables/$(PROFILE) --out runs/tables/$(PROFILE)/tables
+	$(if $(filter-out ablation,$(TABLES)),$(BIN)/raeg table --runs runs/tables/$(PROFILE) \
+	  --out runs/tables/$(PROFILE)/tables,)
 	$(if $(filter ablation,$(TABLES)),$(BIN)/raeg table --runs runs/tables/$(PROFILE)_ablation \
 	  --out runs/tables/$(PROFILE)_ablation/tables --tables robustness fidelity,)
 
