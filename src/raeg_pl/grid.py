@@ -482,7 +482,8 @@ class Grid(StageRunner):
         whose recipe hash is the config's counts as done; a kept stage of another recipe is
         named and not used. Kept pirate stages are copied into the run directory (so they
         are skipped), and so are the method stages of rows whose every pirate is kept: those
-        rows' protectors and method stages do not run. The surrogates run only when some
+        rows' protectors and method stages do not run. The held-out classifiers train again
+        when a method stage runs (it needs their weights, which records do not hold). The surrogates run only when some
         row's method stage must, the clean export only when some pirate must train. A row
         that reruns its method stage (one of its pirates is not kept) refits its protector
         from the same recipe, so its new pirates and its kept ones come from two fits.
@@ -522,6 +523,18 @@ class Grid(StageRunner):
             for r in rows
             if f"methods/{r}" in covered and not any(n.startswith(f"pirates/{r}/") for n in todo)
         }
+        # Records hold no weights: a method stage that runs again attacks the held-out
+        # classifiers' checkpoints, so those train again too (else it would leave them out).
+        # (A results file without weights here is a record copied by an earlier resume.)
+        if any(r not in kept_rows for r in rows):
+            for arch in self.heldout:
+                folder = self.heldout_dir(arch)
+                if not (folder / "checkpoints" / "last.ckpt").is_file():
+                    name = str(folder.relative_to(self.run_dir))
+                    covered.discard(name)
+                    done_here.discard(name)
+                    (folder / RESULTS_FILE).unlink(missing_ok=True)
+                    todo += [] if name in todo else [name]
         for name in sorted(covered - done_here):
             if name.startswith("methods/") and name.split("/", 1)[1] not in kept_rows:
                 continue

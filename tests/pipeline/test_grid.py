@@ -401,3 +401,40 @@ def test_held_out_classifiers_do_not_follow_the_pirate_seeds():
     assert dirs == [full.heldout_dir(a) for a in full.heldout]
     assert all(d.name == "seed0" for d in dirs), dirs
     assert [Grid(load_grid_config(main_quick, ["seed=3"])).heldout_dir("vgg").name] == ["seed3"]
+
+
+def test_a_resumed_method_stage_trains_the_held_out_classifiers_it_attacks(
+    fake_data, tmp_path, capsys
+):
+    """Records hold no weights: a method stage run again on a fresh machine trains the
+    held-out classifiers again (their records alone would leave them out of its inference-time
+    figures, while its recipe named them)."""
+    from raeg_pl.tables import build_all
+
+    first = tmp_path / "first" / "grid"
+    common = ["pirate_defenses=[none]", "wandb=null", "heldout=[vit]", "--archs", "resnet"]
+    rows = ["--rows", "classwise_noise", "--skip-authorized"]
+    assert main([*_one_step_grid(first, fake_data, tmp_path), *common, *rows]) == 0
+    assert (
+        "vit"
+        in json.loads((first / "methods/classwise_noise/results.json").read_text())[
+            "heldout_acc_clean"
+        ]
+    )
+    records = tmp_path / "records"
+    build_all([first], tmp_path / "t1", ["main"], allow_mixed=True, keep_records=records)
+    dropped = records / "grid" / "pirates" / "classwise_noise" / "resnet" / "none" / "seed0"
+    for f in dropped.iterdir():
+        f.unlink()
+    dropped.rmdir()
+
+    second = tmp_path / "second" / "grid"
+    capsys.readouterr()
+    args = [*_one_step_grid(second, fake_data, tmp_path), *common, *rows]
+    assert main([*args, "--records", str(records / "grid")]) == 0
+    out = capsys.readouterr().out
+    assert "pirates/clean/vit/none/seed0: running" in out
+    assert "left out" not in out
+    results = json.loads((second / "methods/classwise_noise/results.json").read_text())
+    assert "vit" in results["heldout_acc_clean"]
+    assert (second / "pirates/clean/vit/none/seed0/checkpoints/last.ckpt").is_file()
