@@ -272,6 +272,14 @@ class Grid(StageRunner):
         heldout_stages = [self.heldout_dir(a) for a in self.heldout]
 
         def run(stage_dir):
+            extra: dict = {}
+            if params.get("kind") == "raeg":
+                # The protector's own fit is part of RAEG's crafting cost (the fidelity table).
+                fitted = Path(params["checkpoint"]).parent.parent / RESULTS_FILE
+                if fitted.is_file():
+                    p_res = json.loads(fitted.read_text())
+                    extra["protector_fit_seconds"] = p_res.get("fit_seconds")
+                    extra["protector_train_images"] = (p_res.get("splits") or {}).get("train")
             return export_method(
                 stage_dir,
                 params,
@@ -282,12 +290,13 @@ class Grid(StageRunner):
                 seed=self.seed,
                 inference_per_class=self.cfg.get("inference_per_class"),
                 extra={
+                    **extra,
                     "grid": {
                         "kind": "method",
                         "table": self.table,
                         "row": row,
                         "method": params["kind"],
-                    }
+                    },
                 },
                 say=self.say,
             )

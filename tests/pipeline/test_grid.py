@@ -318,6 +318,10 @@ def test_a_row_that_only_refines_reuses_the_protector(fake_data, tmp_path):
     b = json.loads((run / "methods" / "b" / "results.json").read_text())
     assert b["method"]["refine_steps"] == 2 and "refine_steps" not in a["method"]
     assert a["method"]["protector_fingerprint"] == b["method"]["protector_fingerprint"]
+    # The protector's fit counts towards RAEG's crafting cost (the fidelity table).
+    fitted = json.loads((run / "protector_a" / "results.json").read_text())
+    assert a["protector_fit_seconds"] == fitted["fit_seconds"] > 0
+    assert a["protector_train_images"] == fitted["splits"]["train"] > 0
     # b's method stage names protector_a's recipe as its upstream.
     recipe = json.loads((run / "methods" / "b" / "recipe.json").read_text())
     protector = json.loads((run / "protector_a" / "recipe.json").read_text())

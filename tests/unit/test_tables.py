@@ -281,8 +281,13 @@ def test_csv_round_trips_through_the_csv_module(grid_dir):
 
 def test_fidelity_and_inference_tables(grid_dir):
     write_method(grid_dir, "pgd", reversible=False, psnr=31.0, by_defense={}, heldout={})
+    raeg = grid_dir / "methods" / "raeg_v1" / "results.json"
+    write_json(raeg, {**json.loads(raeg.read_text()), "protector_fit_seconds": 1209.4})
     res = load_results([grid_dir])
     fid = build_fidelity(res)
+    # RAEG's protector fit is its own column; a method without a protector: n/a.
+    assert cell_of(fid, "raeg_v1", "protector_fit_seconds").text == "1209"
+    assert cell_of(fid, "pgd", "protector_fit_seconds") is NA
     assert [r.labels[0] for r in fid.rows] == ["raeg_v1", "pgd"]
     assert cell_of(fid, "pgd", "psnr_recovered") is NA  # not reversible: n/a, not missing
     assert cell_of(fid, "raeg_v1", "psnr_recovered").text == "48.00"
@@ -467,7 +472,7 @@ def test_only_grid_json_gives_all_missing_tables(tmp_path):
     res = load_results([root])
     table = build_main(res)
     assert table.n_missing == table.n_cells == 2 * 2
-    assert build_fidelity(res).n_missing == len(build_fidelity(res).columns) == 12
+    assert build_fidelity(res).n_missing == len(build_fidelity(res).columns) == 13
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,7 @@ def load_method(path: Path) -> dict[str, Any]:
         "psnr_recovered",
         "ssim_recovered",
         "craft_seconds_per_1000",
+        "protector_fit_seconds",
         "perturbation_classmean_share",
         "perturbation_cos_same_class",
         "perturbation_cos_diff_class",
