@@ -60,6 +60,7 @@ from raeg_pl.stages.check import GridBuildError, check_grid_builds
 from raeg_pl.stages.common import (
     StageRecipeError,
     StageRunner,
+    read_stage,
     slug,
     stage_done,
     stage_of,
@@ -273,13 +274,12 @@ class Grid(StageRunner):
 
         def run(stage_dir):
             extra: dict = {}
-            if params.get("kind") == "raeg":
+            fitted = self.run_dir / f"protector_{self.protector_owner(row)}"
+            if params.get("kind") == "raeg" and stage_done(fitted):
                 # The protector's own fit is part of RAEG's crafting cost (the fidelity table).
-                fitted = Path(params["checkpoint"]).parent.parent / RESULTS_FILE
-                if fitted.is_file():
-                    p_res = json.loads(fitted.read_text())
-                    extra["protector_fit_seconds"] = p_res.get("fit_seconds")
-                    extra["protector_train_images"] = (p_res.get("splits") or {}).get("train")
+                p_res = read_stage(fitted)
+                extra["protector_fit_seconds"] = p_res.get("fit_seconds")
+                extra["protector_train_images"] = (p_res.get("splits") or {}).get("train")
             return export_method(
                 stage_dir,
                 params,
@@ -492,8 +492,8 @@ class Grid(StageRunner):
         named and not used. Kept pirate stages are copied into the run directory (so they
         are skipped), and so are the method stages of rows whose every pirate is kept: those
         rows' protectors and method stages do not run. The held-out classifiers train again
-        when a method stage runs (it needs their weights, which records do not hold). The surrogates run only when some
-        row's method stage must, the clean export only when some pirate must train. A row
+        when a method stage runs (it needs their weights, which records do not hold). The
+        surrogates run only when some row's method stage must, the clean export only when some pirate must train. A row
         that reruns its method stage (one of its pirates is not kept) refits its protector
         from the same recipe, so its new pirates and its kept ones come from two fits.
 

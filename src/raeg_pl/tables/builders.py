@@ -255,16 +255,12 @@ def build_fidelity(res: Results) -> Table:
             _fmt(m["l2_protected"], ".1f"),
             *recovery,
             None if rev is None else Value("yes" if rev else "no", "yes" if rev else "no"),
-            # Runs made before the cost was recorded: n/a (see the note), not a missing run.
-            NA
-            if m.get("craft_seconds_per_1000") is None
-            else _fmt(m["craft_seconds_per_1000"], ".1f"),
-            NA
-            if m.get("protector_fit_seconds") is None
-            else _fmt(m["protector_fit_seconds"], ".0f"),
+            # Runs made before a figure was recorded: n/a (see the notes), not a missing run.
             *(
                 NA if m.get(key) is None else _fmt(m[key], spec, scale)
                 for key, spec, scale in (
+                    ("craft_seconds_per_1000", ".1f", 1.0),
+                    ("protector_fit_seconds", ".0f", 1.0),
                     ("perturbation_classmean_share", ".1f", 100.0),
                     ("perturbation_cos_same_class", ".3f", 1.0),
                     ("perturbation_cos_diff_class", ".3f", 1.0),
